@@ -1,0 +1,109 @@
+"""What the agent tells an optimizer about where training is.
+
+Every optimizer in the project is an ``optax.GradientTransformationExtraArgs``.
+Our agents call ``tx.update(grads, opt_state, params, **extra_args)`` with the
+keyword extra arguments below; transforms take what they need and ignore the
+rest (plain optax transforms get them dropped by
+``optax.with_extra_args_support``). Used outside our agents, a missing
+argument falls back to the neutral value given here.
+
+Always passed (cheap):
+
+``train_fraction``  float32 scalar in [0, 1]: fraction of training done. In
+                    PPO, ``update_index / num_updates``, shared by every
+                    minibatch step of one iteration. Neutral: 0.0.
+``batch_fraction``  float32 scalar in [0, 1]: position of the current epoch
+                    within the iteration, ``epoch / max(num_epochs - 1, 1)``.
+                    Neutral: 0.0.
+``key``             a PRNG key for stochastic updates, fresh every call.
+                    Neutral: a fixed key derived from the state's step count.
+
+Passed only when the optimizer asks (see ``required_stats``):
+
+``layer_stats``     a tree shaped like ``params`` down to the dense layers,
+                    where each layer's ``{"kernel": [in, out], "bias": [out]}``
+                    dict is replaced by a ``LayerStats`` of per-example arrays
+                    for the current minibatch (``B`` rows). Fields that were
+                    not requested are ``None``.
+
+How an optimizer asks: its state (a NamedTuple) carries a class attribute
+``required_stats`` with a subset of ``STAT_KINDS``. ``required_stats(tx,
+params)`` finds these anywhere inside the state (also inside ``optax.chain``
+and ``inject_hyperparams``), so Adam's users pay nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, FrozenSet, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+STAT_KINDS = ("inputs", "outputs", "preact_grads")
+
+
+class LayerStats(NamedTuple):
+    """Per-example statistics of one dense layer on a minibatch of ``B`` rows.
+
+    inputs:       ``[B, in]``  the layer's input (K-FAC's factor A).
+    outputs:      ``[B, out]`` the layer's output after its activation (for the
+                  last layer, its raw output); OPEN's dormancy comes from it.
+    preact_grads: ``[B, out]`` per-example gradient of the sampled-target
+                  log-likelihood (Fisher) w.r.t. the layer's pre-activation,
+                  *not* divided by ``B`` (K-FAC's factor G).
+    """
+
+    inputs: Optional[jax.Array] = None
+    outputs: Optional[jax.Array] = None
+    preact_grads: Optional[jax.Array] = None
+
+
+def _has_request(x: Any) -> bool:
+    return isinstance(getattr(type(x), "required_stats", None), (frozenset, tuple, set))
+
+
+def required_stats(tx: optax.GradientTransformation, params: Any) -> FrozenSet[str]:
+    """The statistics kinds ``tx`` asks for (a subset of ``STAT_KINDS``)."""
+    state = jax.eval_shape(tx.init, params)
+    found: set = set()
+    for leaf in jax.tree_util.tree_leaves(state, is_leaf=_has_request):
+        if _has_request(leaf):
+            found |= set(type(leaf).required_stats)
+    unknown = found - set(STAT_KINDS)
+    if unknown:
+        raise ValueError(f"optimizer asks for unknown statistics {sorted(unknown)}; known: {STAT_KINDS}")
+    return frozenset(found)
+
+
+def _is_injected(x: Any) -> bool:
+    return isinstance(x, optax.InjectHyperparamsState) or (
+        hasattr(x, "hyperparams") and isinstance(getattr(x, "hyperparams"), dict)
+    )
+
+
+def get_hyperparam(opt_state: Any, name: str) -> Optional[jax.Array]:
+    """The first injected hyperparameter ``name`` found in ``opt_state`` (or None)."""
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected):
+        if _is_injected(leaf) and name in leaf.hyperparams:
+            return leaf.hyperparams[name]
+    return None
+
+
+def set_hyperparam(opt_state: Any, name: str, value: jax.Array) -> Any:
+    """``opt_state`` with every injected hyperparameter ``name`` set to ``value``
+    (dtype kept, so scan carries stay stable). No-op where there is none."""
+
+    def _set(x):
+        if _is_injected(x) and name in x.hyperparams:
+            old = x.hyperparams[name]
+            new = jnp.asarray(value, dtype=jnp.asarray(old).dtype).reshape(jnp.shape(old))
+            return x._replace(hyperparams={**x.hyperparams, name: new})
+        return x
+
+    return jax.tree_util.tree_map(_set, opt_state, is_leaf=_is_injected)
+
+
+def neutral_key(count: jax.Array) -> jax.Array:
+    """Key used when the caller passes none: deterministic in the step count."""
+    return jax.random.fold_in(jax.random.key(0), jnp.asarray(count, jnp.uint32))

@@ -1,0 +1,106 @@
+"""Optimizer specs: one string names an optimizer and its settings.
+
+    adam                      Adam, lr 3e-4
+    adam:lr=1e-3,eps=1e-5     keyword settings after a colon, comma separated
+    rmsprop / sgd / lion / adamw
+    kfac:lr=...,damping=...   second-order (see learned_optim.kfac)
+    open:PATH.npy             OPEN with published weights (see learned_optim.open)
+    lopt:DIR                  a learned optimizer saved by learned_optim.save
+    open / optim4rl / mlp / gru / lstm [:seed=N]   freshly initialised rules
+
+``from_spec`` returns an ``optax.GradientTransformationExtraArgs``. Numeric
+hyperparameters of hand-designed optimizers are injected
+(``optax.inject_hyperparams``), so ``learning_rate`` lives in the optimizer
+state where agents and PBT can change it without recompiling.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Tuple
+
+import optax
+
+# name -> (builder, allowed keyword settings, defaults). Builders of other
+# modules are named "module:function" and imported on first use.
+_LR_ALIASES = {"lr": "learning_rate"}
+
+
+def _hand_designed(factory: Callable, defaults: Dict[str, float]):
+    def build(**kwargs):
+        settings = {**defaults, **kwargs}
+        return optax.with_extra_args_support(optax.inject_hyperparams(factory)(**settings))
+
+    return build, tuple(defaults)
+
+
+_BUILTIN = {
+    "adam": _hand_designed(optax.adam, {"learning_rate": 3e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8}),
+    "adamw": _hand_designed(
+        optax.adamw, {"learning_rate": 3e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4}
+    ),
+    "sgd": _hand_designed(optax.sgd, {"learning_rate": 1e-2, "momentum": 0.0}),
+    "rmsprop": _hand_designed(
+        optax.rmsprop, {"learning_rate": 3e-4, "decay": 0.99, "eps": 1e-5, "momentum": 0.0}
+    ),
+    "lion": _hand_designed(optax.lion, {"learning_rate": 3e-5, "b1": 0.9, "b2": 0.99, "weight_decay": 0.0}),
+}
+
+# Optimizers implemented in other modules of this package: "module:function";
+# the function takes the spec's argument string (after the colon, may be "")
+# and returns the transform, raising ValueError on bad settings.
+_EXTERNAL: Dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Declares ``name`` as built by ``"module:function"`` (imported lazily)."""
+    _EXTERNAL[name] = target
+
+
+def known_optimizers() -> Tuple[str, ...]:
+    return tuple(sorted(set(_BUILTIN) | set(_EXTERNAL)))
+
+
+def parse_kwargs(arg: str, allowed, spec: str) -> Dict[str, float]:
+    """``"lr=1e-3,eps=1e-5"`` -> ``{"learning_rate": 1e-3, "eps": 1e-5}``, checked."""
+    out: Dict[str, float] = {}
+    for item in filter(None, (a.strip() for a in arg.split(","))):
+        if "=" not in item:
+            raise ValueError(f"optimizer spec {spec!r}: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        key = _LR_ALIASES.get(key, key)
+        if key not in allowed:
+            raise ValueError(
+                f"optimizer spec {spec!r}: unknown setting {key!r}; allowed: {', '.join(allowed)}"
+            )
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} is not a number") from None
+    return out
+
+
+def split_spec(spec: str) -> Tuple[str, str]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"optimizer spec must be a non-empty string, got {spec!r}")
+    name, _, arg = spec.strip().partition(":")
+    return name.strip().lower(), arg
+
+
+def from_spec(spec: str) -> optax.GradientTransformationExtraArgs:
+    """The optax transform that ``spec`` names (see the module docstring)."""
+    name, arg = split_spec(spec)
+    if name in _BUILTIN:
+        build, allowed = _BUILTIN[name]
+        return build(**parse_kwargs(arg, allowed, spec))
+    if name in _EXTERNAL:
+        module, func = _EXTERNAL[name].split(":")
+        return getattr(importlib.import_module(module), func)(arg)
+    raise ValueError(
+        f"unknown optimizer {name!r} in spec {spec!r}; known: {', '.join(known_optimizers())}"
+    )
+
+
+def check_spec(spec: str) -> None:
+    """Raises the ValueError ``from_spec`` would, without building anything heavy."""
+    from_spec(spec)
