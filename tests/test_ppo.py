@@ -1,0 +1,157 @@
+import os
+import subprocess
+import sys
+import textwrap
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import envs
+import learned_optim
+from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
+from tests.conftest import ROOT
+
+TINY = PPOConfig(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 3, update_epochs=2, num_minibatches=2,
+                 hidden_sizes=(16, 16))
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="does not divide into num_minibatches"):
+        PPOConfig(num_envs=4, num_steps=10, num_minibatches=3)
+    with pytest.raises(ValueError, match="total_timesteps must be positive"):
+        PPOConfig(total_timesteps=0)
+    with pytest.raises(ValueError, match="activation"):
+        PPOConfig(activation="sigmoidish")
+    with pytest.raises(ValueError, match="unknown PPO hyperparameter"):
+        PPOHParams.default(learning_rate=1e-3)
+
+
+def test_update_structure_stable_and_deterministic():
+    env, p = envs.make("CartPole-v1")
+    agent = make_ppo(TINY, env, p, learned_optim.from_spec("adam"))
+    assert agent.stats_needed == frozenset() and agent.uses_lr
+    s0 = agent.init(jax.random.key(0), PPOHParams.default())
+    s1, m = jax.jit(agent.update)(s0)
+    assert jax.tree.structure(s0) == jax.tree.structure(s1)
+    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    assert set(s1.params) == {"actor", "critic"} and int(s1.update_step) == 1
+    s1b, _ = jax.jit(agent.update)(agent.init(jax.random.key(0), PPOHParams.default()))
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s1b.params)):
+        np.testing.assert_array_equal(a, b)
+    s1c, _ = jax.jit(agent.update)(agent.init(jax.random.key(1), PPOHParams.default()))
+    assert not np.allclose(s1.params["actor"]["Dense_0"]["kernel"], s1c.params["actor"]["Dense_0"]["kernel"])
+
+
+def test_continuous_actor_has_log_std_and_trains():
+    env, p = envs.make("Pendulum-v1")
+    agent = make_ppo(TINY, env, p, learned_optim.from_spec("adam:lr=1e-3"))
+    s, m = jax.jit(agent.train)(jax.random.key(0), PPOHParams.default())
+    assert s.params["actor"]["log_std"].shape == (1,)
+    assert np.all(np.isfinite(m["policy_loss"]))
+
+
+class _Recorder(NamedTuple):
+    """Test optimizer state: asks for all statistics and records what came."""
+
+    count: jax.Array
+    seen: dict
+    required_stats = frozenset({"inputs", "outputs", "preact_grads"})
+
+
+def _recording_optimizer():
+    def init(params):
+        return _Recorder(jnp.zeros((), jnp.int32), {"tf": jnp.zeros(()), "bf": jnp.zeros(()), "in0": jnp.zeros(()),
+                                                     "out_last": jnp.zeros(()), "g0": jnp.zeros(())})
+
+    def update(updates, state, params=None, *, layer_stats, train_fraction, batch_fraction, key, **_):
+        a0 = layer_stats["actor"]["Dense_0"]
+        seen = {
+            "tf": jnp.asarray(train_fraction, jnp.float32), "bf": jnp.asarray(batch_fraction, jnp.float32),
+            "in0": jnp.asarray(a0.inputs.shape[0] * 1000 + a0.inputs.shape[1], jnp.float32),
+            "out_last": jnp.asarray(layer_stats["critic"]["Dense_2"].outputs.shape[1], jnp.float32),
+            "g0": jnp.abs(a0.preact_grads).sum(),
+        }
+        return jax.tree.map(lambda g: -1e-3 * g, updates), _Recorder(state.count + 1, seen)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_layer_stats_and_context_reach_optimizers_that_ask():
+    env, p = envs.make("CartPole-v1")
+    agent = make_ppo(TINY, env, p, _recording_optimizer())
+    assert agent.stats_needed == {"inputs", "outputs", "preact_grads"}
+    s = agent.init(jax.random.key(0), PPOHParams.default())
+    s, _ = jax.jit(agent.update)(s)
+    s, _ = jax.jit(agent.update)(s)
+    rec = s.opt_state[1]
+    assert int(rec.count) == 2 * TINY.update_epochs * TINY.num_minibatches
+    np.testing.assert_allclose(rec.seen["tf"], 1 / TINY.num_updates)  # second iteration
+    np.testing.assert_allclose(rec.seen["bf"], 1.0)  # last epoch
+    assert int(rec.seen["in0"]) == TINY.minibatch_size * 1000 + 4  # [B, obs_dim]
+    assert int(rec.seen["out_last"]) == 1  # critic output layer
+    assert float(rec.seen["g0"]) > 0
+
+
+def test_hparams_differ_per_member_under_vmap():
+    """lr=0 must leave the policy untouched while lr>0 changes it, in one vmapped call."""
+    env, p = envs.make("CartPole-v1")
+    agent = make_ppo(TINY, env, p, learned_optim.from_spec("adam"))
+    hp = PPOHParams.default()._replace(lr=jnp.array([0.0, 1e-3]))
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), hp)
+    keys = jnp.stack([jax.random.key(0), jax.random.key(0)])
+    s0 = jax.vmap(agent.init)(keys, hp)
+    s1, m = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1)(s0, 2)
+    k0, k1 = s0.params["actor"]["Dense_0"]["kernel"], s1.params["actor"]["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(k0[0], k1[0])
+    assert not np.allclose(k0[1], k1[1])
+    assert m["episode_return"].shape == (2, 2)
+
+
+def test_ppo_learns_cartpole():
+    """4 vmapped seeds, 1e5 steps: random play scores ~22; PPO must be far above."""
+    env, p = envs.make("CartPole-v1")
+    cfg = PPOConfig(total_timesteps=100_000, anneal_lr=True)
+    agent = make_ppo(cfg, env, p, learned_optim.from_spec("adam:lr=2.5e-4"))
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,)), PPOHParams.default())
+    _, m = jax.jit(jax.vmap(agent.train))(jax.random.split(jax.random.key(0), 4), hp)
+    fr = final_return(m)
+    assert fr.shape == (4,)
+    assert fr.mean() > 150, fr
+
+
+def test_xla_flag_set_and_user_flag_respected():
+    code = "import os, envs; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in out.stdout
+    env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true --xla_dump_to=/dev/null"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == env["XLA_FLAGS"]
+
+
+def test_vmapped_population_does_not_deadlock_on_cpu():
+    """Regression for the jaxlib CPU deadlock (DESIGN.md): a fresh process
+    inits and trains a vmapped population of 4 with orthogonal init; it must
+    finish well inside the timeout."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, envs, learned_optim
+        from agents.ppo import PPOConfig, PPOHParams, make_ppo
+        env, p = envs.make("Breakout-MinAtar")
+        cfg = PPOConfig(num_envs=8, num_steps=16, total_timesteps=8 * 16 * 2, num_minibatches=2)
+        agent = make_ppo(cfg, env, p, learned_optim.from_spec("adam"))
+        hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,)), PPOHParams.default())
+        s = jax.jit(jax.vmap(agent.init))(jax.random.split(jax.random.key(0), 4), hp)
+        s, m = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1)(s, 2)
+        print("OK", m["episode_return"].shape)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK (4, 2)" in out.stdout

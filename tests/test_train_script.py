@@ -1,0 +1,49 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "scripts", "train.py")
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--env", "CartPol-v1"], "unknown env 'CartPol-v1'"),
+        (["--optimizer", "adamm"], "unknown optimizer 'adamm'"),
+        (["--optimizer", "adam:lr=abc"], "is not a number"),
+        (["--num-envs", "4", "--num-steps", "10", "--minibatches", "3"], "does not divide into num_minibatches"),
+        (["--timesteps", "0"], "--timesteps must be positive"),
+        (["--timesteps", "-5"], "--timesteps must be positive"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)
+def test_bad_input_one_line_error(args, message):
+    out = run(*args, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_small_run_writes_results(tmp_path):
+    out = run("--env", "CartPole-v1", "--seeds", "2", "--timesteps", "6144", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "steps/s" in out.stdout and "final return" in out.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("env", "optimizer", "seeds", "timesteps_per_seed", "final_return", "env_steps_per_second",
+                "compile_seconds", "wall_seconds", "curves"):
+        assert key in res
+    assert res["seeds"] == 2 and len(res["final_return"]) == 2 and res["timesteps_per_seed"] == 6144
+    assert len(res["curves"][0]) == 12
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    lines = (tmp_path / "curve.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("env_steps,seed0,seed1,mean,std") and len(lines) == 13
