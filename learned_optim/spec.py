@@ -4,6 +4,7 @@
     adam:lr=1e-3,eps=1e-5     keyword settings after a colon, comma separated
     rmsprop / sgd / lion / adamw
     kfac:lr=...,damping=...   second-order (see learned_optim.kfac)
+    diag_ggn:lr=...,mode=...  diagonal Gauss-Newton (see learned_optim.diag_ggn)
     open:PATH.npy             OPEN with published weights (see learned_optim.open)
     lopt:DIR                  a learned optimizer saved by learned_optim.save
     open / optim4rl / mlp / gru / lstm [:seed=N]   freshly initialised rules
@@ -104,3 +105,8 @@ def from_spec(spec: str) -> optax.GradientTransformationExtraArgs:
 def check_spec(spec: str) -> None:
     """Raises the ValueError ``from_spec`` would, without building anything heavy."""
     from_spec(spec)
+
+
+# Second-order optimizers (imported on first use).
+register("kfac", "learned_optim.kfac:from_spec_arg")          # see learned_optim.kfac
+register("diag_ggn", "learned_optim.diag_ggn:from_spec_arg")  # see learned_optim.diag_ggn

@@ -1,0 +1,415 @@
+"""Shared pieces of the curvature-based optimizers (``kfac``, ``diag_ggn``)
+and a helper that computes their ``layer_stats`` in your own training loop.
+
+Which parameters count as dense layers
+--------------------------------------
+Any dict in the parameter tree whose keys are ``{"kernel"}`` or
+``{"kernel", "bias"}`` with a 2-D kernel ``[in, out]`` (what ``flax.linen.Dense``
+creates). Such a layer needs a ``LayerStats(inputs [B, in], preact_grads
+[B, out])`` at the same position of the ``layer_stats`` tree; every other leaf
+(e.g. a Gaussian policy's ``log_std``, conv kernels, embeddings) gets a
+first-order update (see ``first_order_*``). With a bias, the bias is K-FAC's
+"homogeneous coordinate": the layer is treated as one ``[in + 1, out]``
+matrix whose last row is the bias.
+
+Supplying ``layer_stats`` in your own loop
+------------------------------------------
+Our agents do it for you. Elsewhere, for any flax model built from
+``nn.Dense`` (no change to the model needed)::
+
+    tx = learned_optim.from_spec("kfac:lr=0.05,damping=1e-3")
+    stats = dense_layer_stats(model, {"params": params}, x,
+                              categorical_sampled_loglik, key)
+    updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+
+``dense_layer_stats`` intercepts every ``nn.Dense.__call__`` (flax's
+``nn.intercept_methods``), records its input and adds a zero perturbation to
+its output (the pre-activation); the gradient of the summed sampled-target
+log-likelihood w.r.t. those perturbations is the per-example pre-activation
+gradient (flax's ``Module.perturb`` does the same from inside a model, which
+is how ``agents.networks.MLP`` does it). Targets are sampled from the model's
+own predictive distribution, so the statistics describe the true Fisher (for
+exponential-family outputs, the generalised Gauss-Newton matrix); using the
+observed labels instead gives the empirical Fisher. If params nest under a
+name (``{"actor": ..., "critic": ...}``), build the same nesting of stats
+trees: ``{"actor": dense_layer_stats(actor, ...), "critic": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from learned_optim.context import LayerStats
+
+FIRST_ORDER_MODES = ("sgd", "rms")
+
+
+# Dense-layer discovery ------------------------------------------------------------
+
+
+def is_dense(node: Any) -> bool:
+    """True for ``{"kernel": [in, out]}`` / ``{"kernel", "bias": [out]}`` dicts."""
+    if not hasattr(node, "keys") or not hasattr(node, "__getitem__"):
+        return False
+    keys = set(node.keys())
+    if "kernel" not in keys or not keys <= {"kernel", "bias"}:
+        return False
+    kernel = node["kernel"]
+    if len(getattr(kernel, "shape", ())) != 2:
+        return False
+    if "bias" in keys:
+        bias = node["bias"]
+        return tuple(getattr(bias, "shape", ())) == (kernel.shape[1],)
+    return True
+
+
+def flatten_layers(tree: Any) -> Tuple[List[Tuple[Any, Any]], Any]:
+    """``[(path, node)]`` where node is a dense-layer dict or another leaf, and
+    the treedef to rebuild a tree of per-node values."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_dense)
+    return pairs, treedef
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "<root>"
+
+
+def layer_dims(node: Any) -> Tuple[int, int, bool]:
+    """``(in, out, has_bias)`` of a dense-layer dict."""
+    n_in, n_out = node["kernel"].shape
+    return int(n_in), int(n_out), "bias" in node
+
+
+def layer_matrix(node: Any) -> jax.Array:
+    """Dense layer dict -> ``[in (+1), out]``: the kernel with the bias as last row."""
+    kernel = node["kernel"]
+    if "bias" in node:
+        return jnp.concatenate([kernel, node["bias"][None, :].astype(kernel.dtype)], axis=0)
+    return kernel
+
+
+def unlayer_matrix(matrix: jax.Array, like: Any) -> Any:
+    """Inverse of ``layer_matrix``: a dict structured like ``like``."""
+    n_in = like["kernel"].shape[0]
+    parts = {"kernel": matrix[:n_in], "bias": matrix[n_in] if matrix.shape[0] > n_in else None}
+
+    def pick(path, x):
+        return parts[path[-1].key].astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, like)
+
+
+# Statistics lookup and validation ---------------------------------------------------
+
+
+def missing_stats_message(who: str) -> str:
+    return (
+        f"{who} needs per-example statistics of every dense layer: call "
+        f"tx.update(grads, state, params, layer_stats=...) with a tree shaped like params where each "
+        f"dense layer's {{'kernel', 'bias'}} dict is replaced by "
+        f"learned_optim.LayerStats(inputs=[B, in], preact_grads=[B, out]). Our agents supply it "
+        f"automatically (they ask learned_optim.required_stats(tx, params)); in your own loop, "
+        f"learned_optim.curvature.dense_layer_stats(model, variables, x, sampled_loglik, key) computes "
+        f"it for a flax model (see the learned_optim.curvature docstring)."
+    )
+
+
+def _lookup(tree: Any, path: Sequence[Any]) -> Any:
+    node = tree
+    for k in path:
+        if node is None:
+            return None
+        if hasattr(k, "key"):
+            node = node.get(k.key) if hasattr(node, "get") else None
+        elif hasattr(k, "idx"):
+            node = node[k.idx] if isinstance(node, (list, tuple)) and k.idx < len(node) else None
+        elif hasattr(k, "name"):
+            node = getattr(node, k.name, None)
+        else:
+            return None
+    return node
+
+
+def layer_inputs_and_grads(
+    layer_stats: Any, path: Sequence[Any], node: Any, who: str
+) -> Tuple[jax.Array, jax.Array]:
+    """``(inputs [N, in (+1)], preact_grads [N, out])`` for the dense layer at
+    ``path`` (leading axes flattened into ``N``; a ones column appended to the
+    inputs when the layer has a bias). Raises ``ValueError`` at trace time if
+    they are missing or mis-shaped."""
+    if layer_stats is None:
+        raise ValueError(missing_stats_message(who))
+    stats = _lookup(layer_stats, path)
+    where = path_str(path)
+    if not isinstance(stats, LayerStats) or stats.inputs is None or stats.preact_grads is None:
+        raise ValueError(
+            f"{who}: layer_stats has no LayerStats with inputs and preact_grads for dense layer "
+            f"{where!r} (found {type(stats).__name__}). " + missing_stats_message(who)
+        )
+    n_in, n_out, has_bias = layer_dims(node)
+    a, g = jnp.asarray(stats.inputs), jnp.asarray(stats.preact_grads)
+    if a.ndim < 1 or a.shape[-1] != n_in:
+        raise ValueError(f"{who}: layer_stats[{where!r}].inputs has shape {a.shape}; expected [B, {n_in}]")
+    if g.ndim < 1 or g.shape[-1] != n_out:
+        raise ValueError(
+            f"{who}: layer_stats[{where!r}].preact_grads has shape {g.shape}; expected [B, {n_out}]"
+        )
+    if a.shape[:-1] != g.shape[:-1]:
+        raise ValueError(
+            f"{who}: layer_stats[{where!r}] inputs {a.shape} and preact_grads {g.shape} disagree on the "
+            f"batch axes"
+        )
+    a = a.reshape((-1, n_in)).astype(jnp.float32)
+    g = g.reshape((-1, n_out)).astype(jnp.float32)
+    if has_bias:
+        a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+    return a, g
+
+
+def all_finite(*xs: jax.Array) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+# Health counters ---------------------------------------------------------------------
+
+
+class CurvatureHealth(NamedTuple):
+    """int32 counters of the safety nets (all zero in a healthy run).
+
+    skipped_stats:         layer-steps whose batch statistics were not finite;
+                           the curvature estimate was left unchanged.
+    failed_factorizations: layer-refreshes whose eigendecomposition was not
+                           finite; the previous one was kept (K-FAC only).
+    fallback_updates:      layer-steps whose preconditioned step was not
+                           finite (or the damping was <= 0 / not finite); the
+                           safe first-order step was used instead.
+    """
+
+    skipped_stats: jax.Array
+    failed_factorizations: jax.Array
+    fallback_updates: jax.Array
+
+    @classmethod
+    def zeros(cls) -> "CurvatureHealth":
+        z = jnp.zeros((), jnp.int32)
+        return cls(z, z, z)
+
+
+def count(flags: Sequence[jax.Array]) -> jax.Array:
+    if not flags:
+        return jnp.zeros((), jnp.int32)
+    return jnp.sum(jnp.stack([jnp.asarray(f, jnp.int32) for f in flags])).astype(jnp.int32)
+
+
+# First-order treatment of non-dense leaves ----------------------------------------
+
+
+class FirstOrderState(NamedTuple):
+    """State of a non-dense leaf: ``nu`` is the EMA of squared gradients
+    (used by ``first_order="rms"``; kept, and zero, under ``"sgd"`` so the
+    state structure does not depend on the mode)."""
+
+    nu: jax.Array
+
+
+def first_order_init(x: jax.Array) -> FirstOrderState:
+    return FirstOrderState(nu=jnp.zeros(jnp.shape(x), jnp.float32))
+
+
+def first_order_update(
+    g: jax.Array, state: FirstOrderState, mode: str, decay: float = 0.99, eps: float = 1e-8
+) -> Tuple[jax.Array, FirstOrderState]:
+    """``"sgd"``: the gradient unchanged (it is then scaled by the learning rate
+    like every other step). ``"rms"``: ``g / (sqrt(nu) + eps)`` with ``nu`` a
+    bias-uncorrected EMA of ``g**2`` (RMSprop)."""
+    if mode == "sgd":
+        return g, state
+    nu = decay * state.nu + (1.0 - decay) * jnp.square(g.astype(jnp.float32))
+    return (g / (jnp.sqrt(nu) + eps)).astype(g.dtype), FirstOrderState(nu=nu)
+
+
+def check_first_order(mode: str, who: str) -> None:
+    if mode not in FIRST_ORDER_MODES:
+        raise ValueError(f"{who}: first_order={mode!r}; allowed: {', '.join(FIRST_ORDER_MODES)}")
+
+
+# Norm constraint ---------------------------------------------------------------------
+
+
+def norm_constraint_scale(
+    updates: Sequence[jax.Array], grads: Sequence[jax.Array], norm_constraint, learning_rate
+) -> jax.Array:
+    """kfac-jax's norm constraint: the factor ``min(1, sqrt(c / (lr^2 u.g)))``
+    that keeps the approximate squared curvature norm of the step ``lr * u``
+    (``lr^2 u^T F u ~ lr^2 u.g``, as ``u ~ F^-1 g``) below ``c``. ``c <= 0``
+    switches it off (factor 1)."""
+    c = jnp.asarray(norm_constraint, jnp.float32)
+    lr = jnp.abs(jnp.asarray(learning_rate, jnp.float32))
+    sq = sum(jnp.vdot(u.astype(jnp.float32), g.astype(jnp.float32)) for u, g in zip(updates, grads))
+    sq = jnp.abs(jnp.asarray(sq, jnp.float32)) * jnp.square(lr)
+    scale = jnp.minimum(1.0, jnp.sqrt(jnp.maximum(c, 0.0) / jnp.maximum(sq, 1e-30)))
+    return jnp.where((c > 0) & jnp.isfinite(scale), scale, 1.0)
+
+
+# Argument checks of the public factories ---------------------------------------------
+
+
+def check_number(name: str, value: Any, who: str, low: float = 0.0, high: Optional[float] = None,
+                 low_inclusive: bool = True, high_inclusive: bool = False) -> None:
+    """Checks a Python-number setting (traced values and schedules pass)."""
+    if callable(value):
+        return
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if np.ndim(value) != 0:
+            return  # a population's worth of values
+        try:
+            value = float(value)
+        except TypeError:  # traced: checked where it is made, if anywhere
+            return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{who}: {name} must be a number, got {value!r}")
+    bad_low = value < low if low_inclusive else value <= low
+    bad_high = high is not None and (value > high if high_inclusive else value >= high)
+    if bad_low or bad_high or not np.isfinite(value):
+        lo = "[" if low_inclusive else "("
+        hi = "]" if high_inclusive else ")"
+        rng = f"{lo}{low:g}, {high:g}{hi}" if high is not None else f"{lo}{low:g}, inf)"
+        raise ValueError(f"{who}: {name}={value!r} is outside {rng}")
+
+
+# Statistics for your own training loop -------------------------------------------------
+
+
+def categorical_sampled_loglik(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """``[B, C] -> [B]``: log-probability of a label sampled from the model
+    itself (the true-Fisher target for a softmax output)."""
+    y = jax.lax.stop_gradient(jax.random.categorical(key, logits))
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+
+
+def gaussian_sampled_loglik(mean: jax.Array, key: jax.Array, std: float = 1.0) -> jax.Array:
+    """``[B, D] -> [B]``: Gaussian log-likelihood (up to a constant) of a target
+    sampled from ``N(mean, std^2)`` (for a squared-error loss, the Fisher equals
+    the Gauss-Newton matrix)."""
+    y = jax.lax.stop_gradient(mean + std * jax.random.normal(key, mean.shape))
+    return -0.5 * jnp.sum(jnp.square((mean - y) / std).reshape(mean.shape[0], -1), axis=-1)
+
+
+def dense_layer_stats(
+    model: Any,
+    variables: Any,
+    x: Any,
+    sampled_loglik: Callable[[Any, jax.Array], jax.Array],
+    key: jax.Array,
+    **apply_kwargs: Any,
+) -> Any:
+    """``layer_stats`` for every ``nn.Dense`` of a flax linen ``model``.
+
+    model:          a ``flax.linen.Module``; called as ``model.apply(variables,
+                    x, **apply_kwargs)``.
+    sampled_loglik: ``(model_output, key) -> [B]`` per-example log-likelihood
+                    of targets sampled from the model (``categorical_sampled_loglik``,
+                    ``gaussian_sampled_loglik`` or your own).
+    Returns a tree shaped like ``variables["params"]`` down to the dense
+    layers, each replaced by ``LayerStats(inputs [B, in], preact_grads
+    [B, out])``. Each ``Dense`` must be called once per forward pass.
+    """
+    import flax.linen as nn
+
+    def shape_pass():
+        seen = {}
+
+        def record(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                path = tuple(context.module.path)
+                if path in seen:
+                    raise ValueError(
+                        f"dense_layer_stats: layer {'/'.join(path)} is called more than once per "
+                        f"forward pass; per-example statistics of shared layers are not supported"
+                    )
+                seen[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            return out
+
+        with nn.intercept_methods(record):
+            model.apply(variables, x, **apply_kwargs)
+        return seen
+
+    # Output shapes of every Dense, found without running anything.
+    shapes = {}
+
+    def trace_shapes():
+        shapes.update(shape_pass())
+        return 0
+
+    jax.eval_shape(trace_shapes)
+    perts = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes.items()}
+
+    def loglik(perts):
+        inputs = {}
+
+        def perturb(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                path = tuple(context.module.path)
+                inputs[path] = jax.lax.stop_gradient(args[0])
+                out = out + perts[path]
+            return out
+
+        with nn.intercept_methods(perturb):
+            out = model.apply(variables, x, **apply_kwargs)
+        return jnp.sum(sampled_loglik(out, key)), inputs
+
+    grads, inputs = jax.grad(loglik, has_aux=True)(perts)
+    tree: dict = {}
+    for path in shapes:
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = LayerStats(inputs=inputs[path], preact_grads=grads[path])
+    return tree
+
+
+# Spec strings ---------------------------------------------------------------------------
+
+
+def parse_spec_arg(name: str, arg: str, numeric: Sequence[str], integer: Sequence[str] = (),
+                   choices: Optional[dict] = None, aliases: Optional[dict] = None) -> dict:
+    """``"lr=0.1,mode=factored"`` -> keyword arguments, checked; ``ValueError``
+    naming the setting and the allowed ones otherwise."""
+    choices = choices or {}
+    aliases = aliases or {}
+    allowed = tuple(numeric) + tuple(integer) + tuple(choices)
+    spec = f"{name}:{arg}"
+    out: dict = {}
+    for item in filter(None, (a.strip() for a in arg.split(","))):
+        if "=" not in item:
+            raise ValueError(f"optimizer spec {spec!r}: expected key=value, got {item!r}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        key = aliases.get(key, key)
+        if key not in allowed:
+            raise ValueError(
+                f"optimizer spec {spec!r}: unknown setting {key!r}; allowed: {', '.join(allowed)} "
+                f"(aliases: {', '.join(f'{a}={b}' for a, b in aliases.items())})"
+            )
+        if key in choices:
+            if value not in choices[key]:
+                raise ValueError(
+                    f"optimizer spec {spec!r}: {key}={value!r}; allowed: {', '.join(choices[key])}"
+                )
+            out[key] = value
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} is not a number") from None
+        if key in integer:
+            if not number.is_integer():
+                raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} must be an integer")
+            number = int(number)
+        out[key] = number
+    return out

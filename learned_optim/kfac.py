@@ -1,0 +1,360 @@
+"""K-FAC as an optax transform that lives inside a jitted, vmapped agent.
+
+``kfac(learning_rate, damping, ...)`` is ``chain(scale_by_kfac(...),
+scale_by_learning_rate(learning_rate))`` built with
+``optax.inject_hyperparams``: ``learning_rate``, ``damping``, ``ema_decay``
+and ``norm_constraint`` are arrays in ``state.hyperparams``, so they can
+differ between population members under ``jax.vmap`` and PBT can change
+them without recompiling. Spec: ``kfac:lr=0.05,damping=1e-3,...`` (see
+``from_spec_arg``).
+
+What it computes, per dense layer (see ``learned_optim.curvature`` for which
+parameters are dense and how to supply ``layer_stats`` in your own loop)
+-----------------------------------------------------------------------------
+With ``a_i = [inputs_i, 1]`` (``[in + 1]``, the 1 is the bias's homogeneous
+coordinate) and ``g_i = preact_grads_i`` (``[out]``) for the ``N`` examples
+of the minibatch, the Kronecker factors are
+
+    A = 1/N sum_i a_i a_i^T   [in + 1, in + 1]      G = 1/N sum_i g_i g_i^T   [out, out]
+
+and the layer's Fisher block (over the ``[in + 1, out]`` matrix ``W`` = kernel
+with the bias as last row, flattened row-major) is approximated by
+``A kron G``. Because the agents' ``preact_grads`` are gradients of the
+log-likelihood of targets *sampled from the model*, this is the true Fisher
+(= generalised Gauss-Newton for softmax / Gaussian outputs), not the
+empirical Fisher. The factors are exponential moving averages with decay
+``ema_decay``, bias-corrected (divided by the EMA of the weights, as
+kfac-jax's ``WeightedMovingAverage``), so the first step already uses a
+properly scaled estimate.
+
+Every ``inverse_update_period`` steps (at steps 0, T, 2T, ...; inside
+``lax.cond``) both factors are eigendecomposed, ``A = Q_A S_A Q_A^T``,
+``G = Q_G S_G Q_G^T``. Between refreshes the stored eigenbases are used with
+the *current* damping, so changing the damping acts at once. The step is
+
+    U = Q_A [(Q_A^T V Q_G) / D] Q_G^T,        V = the layer's gradient [in + 1, out]
+
+with, for ``damping_mode="exact"`` (default), ``D = s_A s_G^T + lambda``: the
+exact solution of ``(A kron G + lambda I) u = v`` (Tikhonov damping of the
+Kronecker approximation, as kfac-jax's eigendecomposition-based blocks do);
+for ``damping_mode="factored"``, ``D = (s_A + pi sqrt(lambda)) (s_G +
+sqrt(lambda) / pi)^T`` with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``:
+Martens & Grosse's pi-corrected factored damping, i.e. the inverse of
+``(A + pi sqrt(lambda) I) kron (G + sqrt(lambda) / pi I)``. ``lambda`` is
+``max(damping, min_damping)``.
+
+Non-dense leaves (e.g. a Gaussian policy's state-independent ``log_std``)
+get a first-order step: ``first_order="sgd"`` (default) passes the gradient
+through unchanged (then scaled by ``-learning_rate`` like everything else);
+``"rms"`` divides it by the root of an EMA of its square (RMSprop).
+
+Optional norm constraint (kfac-jax's): with ``norm_constraint = c > 0`` the
+whole step ``lr * u`` is scaled down so that ``lr^2 u.g`` (the approximate
+squared Fisher norm of the step, a KL bound for policies) is at most ``c``.
+
+Safety nets: nothing here can turn finite gradients into NaN/Inf.
+* Non-finite batch statistics of a layer: its factor EMAs are not updated
+  (``state.health.skipped_stats`` += 1).
+* Non-finite eigendecomposition at a refresh: the previous one is kept
+  (``failed_factorizations`` += 1); the initial one is the identity basis with
+  zero eigenvalues (step = gradient / damping).
+* Non-finite preconditioned step, or a damping that is <= 0 or not finite
+  (possible only with ``min_damping=0``, or a NaN set by an outer loop): that
+  layer's step is ``fallback_scale * gradient`` (``fallback_updates`` += 1).
+The defaults make the last one practically unreachable: ``min_damping=1e-8``
+bounds every eigenvalue of the damped curvature away from zero.
+
+Cost and vmap: under ``jax.vmap`` (a population) the refresh's ``lax.cond``
+becomes a ``select`` and the eigendecompositions run every step; they are
+small (``[in+1]^2`` and ``[out]^2`` per layer), but the saving of
+``inverse_update_period`` only materialises without vmap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learned_optim import curvature as cv
+
+DAMPING_MODES = ("exact", "factored")
+_WHO = "scale_by_kfac"
+
+
+class KFACLayerState(NamedTuple):
+    """Curvature of one dense layer (``n = in + 1`` with a bias, else ``in``).
+
+    a_factor:  ``[n, n]``    EMA sum of A (divide by ``weight`` for the estimate)
+    g_factor:  ``[out, out]`` EMA sum of G
+    weight:    ``[]``         EMA of the weights (bias correction)
+    a_eigvecs: ``[n, n]``, a_eigvals: ``[n]``        last refresh of A / weight
+    g_eigvecs: ``[out, out]``, g_eigvals: ``[out]``  last refresh of G / weight
+    """
+
+    a_factor: jax.Array
+    g_factor: jax.Array
+    weight: jax.Array
+    a_eigvecs: jax.Array
+    a_eigvals: jax.Array
+    g_eigvecs: jax.Array
+    g_eigvals: jax.Array
+
+
+class ScaleByKFACState(NamedTuple):
+    """``count``: steps done (int32). ``layers``: a tree like params where each
+    dense layer dict is a ``KFACLayerState`` and every other leaf a
+    ``curvature.FirstOrderState``. ``health``: ``curvature.CurvatureHealth``."""
+
+    count: jax.Array
+    layers: Any
+    health: cv.CurvatureHealth
+
+    required_stats = frozenset({"inputs", "preact_grads"})
+
+
+def _is_layer_state(x: Any) -> bool:
+    return isinstance(x, (KFACLayerState, cv.FirstOrderState))
+
+
+def _init_layer(node: Any) -> KFACLayerState:
+    n_in, n_out, has_bias = cv.layer_dims(node)
+    n = n_in + int(has_bias)
+    f32 = jnp.float32
+    return KFACLayerState(
+        a_factor=jnp.zeros((n, n), f32),
+        g_factor=jnp.zeros((n_out, n_out), f32),
+        weight=jnp.zeros((), f32),
+        a_eigvecs=jnp.eye(n, dtype=f32),
+        a_eigvals=jnp.zeros((n,), f32),
+        g_eigvecs=jnp.eye(n_out, dtype=f32),
+        g_eigvals=jnp.zeros((n_out,), f32),
+    )
+
+
+def _safe_eigh(matrix: jax.Array):
+    vals, vecs = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+    return vals, vecs, cv.all_finite(vals, vecs)
+
+
+def _refresh(layers):
+    """Eigendecomposes every layer's current factor estimates; keeps the old
+    decomposition where the new one is not finite. Returns (layers, failures)."""
+    out, failed = [], []
+    for ls in layers:
+        if not isinstance(ls, KFACLayerState):
+            out.append(ls)
+            continue
+        w = jnp.maximum(ls.weight, 1e-30)
+        sa, qa, ok_a = _safe_eigh(ls.a_factor / w)
+        sg, qg, ok_g = _safe_eigh(ls.g_factor / w)
+        ok = ok_a & ok_g
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        out.append(ls._replace(
+            a_eigvecs=keep(qa, ls.a_eigvecs), a_eigvals=keep(sa, ls.a_eigvals),
+            g_eigvecs=keep(qg, ls.g_eigvecs), g_eigvals=keep(sg, ls.g_eigvals),
+        ))
+        failed.append(~ok)
+    return out, cv.count(failed)
+
+
+def _denominator(ls: KFACLayerState, damping: jax.Array, mode: str) -> jax.Array:
+    sa = jnp.maximum(ls.a_eigvals, 0.0)
+    sg = jnp.maximum(ls.g_eigvals, 0.0)
+    if mode == "exact":
+        return sa[:, None] * sg[None, :] + damping
+    mean_a = jnp.mean(sa)
+    mean_g = jnp.mean(sg)
+    pi = jnp.sqrt(mean_a / jnp.maximum(mean_g, 1e-30))
+    pi = jnp.where((mean_a > 1e-30) & (mean_g > 1e-30) & jnp.isfinite(pi), pi, 1.0)
+    root = jnp.sqrt(damping)
+    return (sa + pi * root)[:, None] * (sg + root / pi)[None, :]
+
+
+def kfac_precondition(ls: KFACLayerState, v: jax.Array, damping: jax.Array, mode: str) -> jax.Array:
+    """The damped K-FAC step for one layer: ``v [n, out] -> [n, out]`` (see
+    the module docstring for ``D``)."""
+    qa, qg = ls.a_eigvecs, ls.g_eigvecs
+    rotated = qa.T @ v.astype(jnp.float32) @ qg
+    return qa @ (rotated / _denominator(ls, damping, mode)) @ qg.T
+
+
+def scale_by_kfac(
+    damping: float = 1e-3,
+    ema_decay: float = 0.95,
+    inverse_update_period: int = 5,
+    damping_mode: str = "exact",
+    first_order: str = "sgd",
+    norm_constraint: float = 0.0,
+    learning_rate: float = 1.0,
+    min_damping: float = 1e-8,
+    fallback_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Preconditions the gradient with damped block-diagonal K-FAC.
+
+    ``update(grads, state, params=None, *, layer_stats, **ignored)``: needs
+    ``layer_stats`` (see ``learned_optim.context``) for every dense layer.
+    ``learning_rate`` is used only by the norm constraint (the step itself is
+    not scaled: chain ``scale_by_learning_rate``, or use ``kfac``). Returns
+    ``+F^-1 g`` (same sign as the gradient).
+    """
+    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale)
+    period = int(inverse_update_period)
+
+    def init_fn(params):
+        pairs, treedef = cv.flatten_layers(params)
+        states = [_init_layer(n) if cv.is_dense(n) else cv.first_order_init(n) for _, n in pairs]
+        return ScaleByKFACState(
+            count=jnp.zeros((), jnp.int32),
+            layers=jax.tree_util.tree_unflatten(treedef, states),
+            health=cv.CurvatureHealth.zeros(),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        pairs, treedef = cv.flatten_layers(updates)
+        layer_states = jax.tree_util.tree_leaves(state.layers, is_leaf=_is_layer_state)
+        if len(layer_states) != len(pairs):
+            raise ValueError(f"{_WHO}: the state was made for a different parameter tree")
+        layer_stats = extra_args.get("layer_stats")
+        decay = jnp.asarray(ema_decay, jnp.float32)
+
+        # 1. Factor EMAs from this minibatch's per-example statistics.
+        new_states, skipped = [], []
+        for (path, node), ls in zip(pairs, layer_states):
+            if not cv.is_dense(node):
+                new_states.append(ls)
+                continue
+            a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
+            n = a.shape[0]
+            a_batch = a.T @ a / n
+            g_batch = g.T @ g / n
+            ok = cv.all_finite(a_batch, g_batch)
+            new_states.append(ls._replace(
+                a_factor=jnp.where(ok, decay * ls.a_factor + (1 - decay) * a_batch, ls.a_factor),
+                g_factor=jnp.where(ok, decay * ls.g_factor + (1 - decay) * g_batch, ls.g_factor),
+                weight=jnp.where(ok, decay * ls.weight + (1 - decay), ls.weight),
+            ))
+            skipped.append(~ok)
+
+        # 2. Eigendecompositions at steps 0, T, 2T, ...
+        refresh = (state.count % period) == 0
+        new_states, failed = jax.lax.cond(
+            refresh, _refresh, lambda s: (s, jnp.zeros((), jnp.int32)), new_states
+        )
+
+        # 3. Damped preconditioning; first-order steps for other leaves.
+        lam = jnp.maximum(jnp.asarray(damping, jnp.float32), jnp.float32(min_damping))
+        lam_ok = jnp.isfinite(lam) & (lam > 0)
+        outs, fell_back, final_states = [], [], []
+        for (path, node), ls in zip(pairs, new_states):
+            if not cv.is_dense(node):
+                u, ls = cv.first_order_update(node, ls, first_order)
+                outs.append(u)
+                final_states.append(ls)
+                continue
+            v = cv.layer_matrix(node)
+            u = kfac_precondition(ls, v, lam, damping_mode)
+            ok = lam_ok & cv.all_finite(u)
+            u = jnp.where(ok, u, fallback_scale * v.astype(jnp.float32))
+            outs.append(cv.unlayer_matrix(u, node))
+            final_states.append(ls)
+            fell_back.append(~ok)
+
+        scale = cv.norm_constraint_scale(
+            jax.tree_util.tree_leaves(outs), jax.tree_util.tree_leaves([n for _, n in pairs]),
+            norm_constraint, learning_rate,
+        )
+        outs = [jax.tree.map(lambda x: (x * scale).astype(x.dtype), o) for o in outs]
+        health = state.health
+        health = cv.CurvatureHealth(
+            skipped_stats=health.skipped_stats + cv.count(skipped),
+            failed_factorizations=health.failed_factorizations + failed,
+            fallback_updates=health.fallback_updates + cv.count(fell_back),
+        )
+        new_state = ScaleByKFACState(
+            count=optax.safe_increment(state.count),
+            layers=jax.tree_util.tree_unflatten(treedef, final_states),
+            health=health,
+        )
+        return jax.tree_util.tree_unflatten(treedef, outs), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale):
+    if isinstance(inverse_update_period, bool) or not isinstance(inverse_update_period, int) \
+            or inverse_update_period < 1:
+        raise ValueError(f"kfac: inverse_update_period must be an integer >= 1, got {inverse_update_period!r}")
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"kfac: damping_mode={damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}")
+    cv.check_first_order(first_order, "kfac")
+    cv.check_number("min_damping", min_damping, "kfac")
+    cv.check_number("fallback_scale", fallback_scale, "kfac")
+
+
+def _kfac_chain(learning_rate, damping, ema_decay, norm_constraint, inverse_update_period,
+                damping_mode, first_order, min_damping, fallback_scale):
+    return optax.chain(
+        scale_by_kfac(
+            damping=damping, ema_decay=ema_decay, inverse_update_period=inverse_update_period,
+            damping_mode=damping_mode, first_order=first_order, norm_constraint=norm_constraint,
+            learning_rate=learning_rate, min_damping=min_damping, fallback_scale=fallback_scale,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+_STATIC = ("inverse_update_period", "damping_mode", "first_order", "min_damping", "fallback_scale")
+
+
+def kfac(
+    learning_rate: float = 0.05,
+    damping: float = 1e-3,
+    ema_decay: float = 0.95,
+    norm_constraint: float = 1e-3,
+    inverse_update_period: int = 5,
+    damping_mode: str = "exact",
+    first_order: str = "sgd",
+    min_damping: float = 1e-8,
+    fallback_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC: ``-learning_rate * scale_by_kfac(...)``, hyperparameters injected.
+
+    ``learning_rate``, ``damping``, ``ema_decay`` and ``norm_constraint`` live
+    in ``state.hyperparams`` (float32); the rest is static. ``norm_constraint
+    = 0`` disables the constraint. Raises ``ValueError`` on bad settings.
+    """
+    if not callable(learning_rate):
+        cv.check_number("learning_rate", learning_rate, "kfac")
+    cv.check_number("damping", damping, "kfac")
+    cv.check_number("ema_decay", ema_decay, "kfac", 0.0, 1.0)
+    cv.check_number("norm_constraint", norm_constraint, "kfac")
+    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale)
+    return optax.inject_hyperparams(_kfac_chain, static_args=_STATIC)(
+        learning_rate=learning_rate, damping=damping, ema_decay=ema_decay,
+        norm_constraint=norm_constraint, inverse_update_period=inverse_update_period,
+        damping_mode=damping_mode, first_order=first_order, min_damping=min_damping,
+        fallback_scale=fallback_scale,
+    )
+
+
+SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "period": "inverse_update_period",
+                "norm": "norm_constraint", "mode": "damping_mode"}
+
+
+def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+    """``kfac:lr=0.05,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
+    inverse_update_period=5,damping_mode=exact|factored,first_order=sgd|rms,
+    min_damping=1e-8`` (aliases: ema, period, norm, mode)."""
+    kwargs = cv.parse_spec_arg(
+        "kfac", arg,
+        numeric=("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping",
+                 "fallback_scale"),
+        integer=("inverse_update_period",),
+        choices={"damping_mode": DAMPING_MODES, "first_order": cv.FIRST_ORDER_MODES},
+        aliases=SPEC_ALIASES,
+    )
+    return kfac(**kwargs)
