@@ -1,0 +1,130 @@
+"""ES meta-training on a toy rule whose best meta-parameter is known:
+the log learning rate of Adam, started far too small."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from meta import checkpoint
+from meta.es import WORST_FITNESS, ESConfig, ESTrainer
+from tests.conftest import ROOT
+
+
+class LogLRRule:
+    """meta_params = {"log_lr"}: Adam with learning rate exp(log_lr)."""
+
+    def __init__(self, start=1e-5):
+        self.start = start
+
+    def init_meta_params(self, key):
+        return {"log_lr": jnp.float32(np.log(self.start))}
+
+    def make_optimizer(self, meta_params):
+        return optax.with_extra_args_support(optax.adam(jnp.exp(meta_params["log_lr"])))
+
+
+TOY = ESConfig(envs=("CartPole-v1",), population=4, generations=3, sigma=1.0, lr=0.5, seeds=2, timesteps=4096)
+
+
+def test_bad_configs_raise_before_compiling():
+    with pytest.raises(ValueError, match="odd; antithetic"):
+        ESConfig(population=5)
+    with pytest.raises(ValueError, match="unknown ES algorithm"):
+        ESConfig(algorithm="Nope_ES")
+    with pytest.raises(ValueError, match="unknown env"):
+        ESConfig(envs=("CartPol",))
+    with pytest.raises(ValueError, match="reference_returns has 2 values for 1 envs"):
+        ESConfig(reference_returns=(1.0, 2.0))
+
+
+def test_nan_candidates_get_worst_fitness():
+    tr = ESTrainer(TOY, LogLRRule(), [100.0])
+    returns = jnp.array([[[10.0, 20.0]], [[jnp.nan, 5.0]], [[jnp.inf, 1.0]], [[50.0, 50.0]]])
+    fitness, per_env, nans = tr.fitness_from_returns(returns)
+    np.testing.assert_allclose(fitness, [0.15, WORST_FITNESS, WORST_FITNESS, 0.5])
+    assert int(nans) == 2
+
+
+def test_es_raises_fitness_on_toy_problem():
+    cfg = ESConfig(envs=("CartPole-v1",), population=4, sigma=1.0, lr=1.0, seeds=2, timesteps=8192)
+    tr = ESTrainer(cfg, LogLRRule(start=3e-5), [100.0])
+    run = tr.init()
+    evaluate = jax.jit(tr.evaluate)
+    key = jax.random.key(123)
+    mean0 = tr.mean_meta_params(run)
+    ret0 = float(evaluate(mean0, key).mean())
+    for _ in range(5):
+        run, m = tr.generation_step(run)
+    assert tr.generation_step._cache_size() == 1, "generation step recompiled"
+    mean1 = tr.mean_meta_params(run)
+    ret1 = float(evaluate(mean1, key).mean())
+    assert float(mean1["log_lr"]) > float(mean0["log_lr"]) + 2.0, (mean0, mean1)
+    assert ret1 > 1.5 * ret0, (ret0, ret1)  # random play ~22; a useful lr learns within 8k steps
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    tr = ESTrainer(TOY, LogLRRule(), [100.0])
+    run = tr.init()
+    full = []
+    for _ in range(3):
+        run, m = tr.generation_step(run)
+        full.append(np.asarray(m["fitness"]))
+    run2 = tr.init()
+    part = []
+    run2, m = tr.generation_step(run2)
+    part.append(np.asarray(m["fitness"]))
+    cfg_doc = {"toy": 1}
+    checkpoint.save(str(tmp_path), 1, run2, {"config": cfg_doc, "logs": []})
+    tr_b = ESTrainer(TOY, LogLRRule(), [100.0])  # a fresh process would rebuild everything
+    step, run3, doc = checkpoint.restore(str(tmp_path), tr_b.init(), cfg_doc)
+    run3 = tr_b.place(run3)
+    assert step == 1
+    for _ in range(2):
+        run3, m = tr_b.generation_step(run3)
+        part.append(np.asarray(m["fitness"]))
+    for a, b in zip(jax.tree.leaves(run), jax.tree.leaves(run3)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.stack(full), np.stack(part))
+    with pytest.raises(checkpoint.CheckpointError, match="different config"):
+        checkpoint.restore(str(tmp_path), tr_b.init(), {"toy": 2})
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.restore(str(tmp_path / "nothing"), tr_b.init(), cfg_doc)
+
+
+@pytest.mark.slow
+def test_sharded_over_four_cpu_devices_equals_unsharded():
+    """Known problem (open): on this 2-core jaxlib 0.10.2 machine, running PPO
+    training on 2 or 4 fake CPU devices (``--xla_force_host_platform_device_count``)
+    stalls at 0% CPU, with ``shard_map`` and with sharding constraints alike,
+    while a trivial evaluator runs. Kept as a slow test, run under a timeout."""
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from jax.sharding import Mesh
+        from tests.test_es import LogLRRule, TOY
+        from meta.es import ESTrainer
+        assert jax.device_count() == 4, jax.devices()
+        outs = []
+        for devices in (jax.devices(), jax.devices()[:1]):
+            tr = ESTrainer(TOY, LogLRRule(), [100.0], mesh=Mesh(np.array(devices), ("pop",)))
+            run = tr.init()
+            for _ in range(2):
+                run, m = tr.generation_step(run)
+            outs.append((np.asarray(tr.mean_meta_params(run)["log_lr"]), np.asarray(m["fitness"])))
+        np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
+        np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
+        print("SHARDED_OK", outs[0][1])
+        """
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHARDED_OK" in out.stdout
