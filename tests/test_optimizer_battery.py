@@ -20,6 +20,10 @@ SPECS = [
     "sgd:lr=0.1,momentum=0.9",
     "rmsprop",
     "lion",
+    "kfac",
+    "kfac:lr=0.1,damping=1e-2,inverse_update_period=2,damping_mode=factored,first_order=rms",
+    "diag_ggn",
+    "diag_ggn:lr=1e-3,mode=sqrt,damping=1e-8,norm_constraint=0",
 ]
 
 B = 8
