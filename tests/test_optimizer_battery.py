@@ -4,6 +4,8 @@ Add a spec string to SPECS when a new optimizer lands. Optimizers that ask for
 layer statistics get synthetic ``LayerStats`` for the 2-layer test network.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +26,14 @@ SPECS = [
     "kfac:lr=0.1,damping=1e-2,inverse_update_period=2,damping_mode=factored,first_order=rms",
     "diag_ggn",
     "diag_ggn:lr=1e-3,mode=sqrt,damping=1e-8,norm_constraint=0",
+    # learned optimizers, freshly initialised (published OPEN weights below when present)
+    "optim4rl:seed=1",
+    "mlp",
+    "gru:hidden=4",
+    "lstm:hidden=4",
 ]
+_OPEN_NPY = "/work/shared/anchors/open/breakout_OPEN.npy"
+SPECS.append(f"open:{_OPEN_NPY}" if os.path.exists(_OPEN_NPY) else "open")
 
 B = 8
 
