@@ -4,7 +4,6 @@ weights and their loader's errors."""
 
 import glob
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -122,7 +121,7 @@ def reference_update(rule, meta_params, grads, params, stats, train_fraction, ba
     return [-(s - mean) for s in steps]
 
 
-@pytest.mark.parametrize("rule", [OpenRule(actor_noise=False), OPEN_LARGE.__class__(16, 32, actor_noise=False)])
+@pytest.mark.parametrize("rule", [OpenRule(actor_noise=False), OpenRule(gru_features=16, hidden_size=32, actor_noise=False)])
 def test_transform_matches_per_tensor_reference(rule):
     params = tiny_params(continuous=True)
     grads = like(params, jax.random.key(1))
