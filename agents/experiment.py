@@ -35,6 +35,16 @@ def resolve_config(env_name: str, preset: Optional[str] = None, **overrides):
     return dataclasses.replace(config, **cfg_over), {**hp, **hp_over}
 
 
+def hparams_for_spec(hparams: Dict[str, float], optimizer_spec: str, lr: Optional[float] = None):
+    """Learning rate precedence: an explicit ``lr`` (e.g. ``--lr``) > the spec's
+    own ``lr=`` > the preset's default."""
+    from learned_optim.spec import explicit_learning_rate
+
+    spec_lr = explicit_learning_rate(optimizer_spec)
+    chosen = lr if lr is not None else spec_lr
+    return {**hparams, "lr": chosen} if chosen is not None else dict(hparams)
+
+
 def train_seeds(
     env_name: str,
     optimizer_spec: str,

@@ -102,6 +102,23 @@ def from_spec(spec: str) -> optax.GradientTransformationExtraArgs:
     )
 
 
+def explicit_learning_rate(spec: str):
+    """The learning rate a spec sets explicitly (``adam:lr=1e-3`` -> 1e-3), else None.
+
+    Agents keep the learning rate in their hyperparameters (so populations and
+    PBT can vary it) and write it into the optimizer; scripts use this to let
+    a spec's own ``lr=`` win over the env preset's default."""
+    _, arg = split_spec(spec)
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if sep and _LR_ALIASES.get(key.strip(), key.strip()) == "learning_rate":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
 def check_spec(spec: str) -> None:
     """Raises the ValueError ``from_spec`` would, without building anything heavy."""
     from_spec(spec)

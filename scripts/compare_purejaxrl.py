@@ -12,7 +12,9 @@ this project. To run the comparison, get a checkout and distrax:
 purejaxrl targets gymnax 0.x, whose ``step`` returns five values; gymnax 1.x
 returns six. Instead of editing its files, this script hands purejaxrl a thin
 shim over ``gymnax.make`` that merges ``terminated``/``truncated`` into the
-old ``done``, and an empty stand-in for ``navix`` (imported by its
+old ``done`` (dropping the info entries 1.x added, among them a copy of
+every final observation, which purejaxrl would keep for every step), and an
+empty stand-in for ``navix`` (imported by its
 wrappers.py for MiniGrid only); nothing else changes. Both sides use the same settings (OPEN
 paper MinAtar PPO: 64 envs x 128 steps, 4 epochs x 8 minibatches, hidden 64
 relu, Adam eps 1e-5, lr 3e-3 annealed). Each measurement runs in its own
@@ -90,6 +92,10 @@ def build_purejaxrl(cfg, n, path):
 
         def step(self, key, state, action, params=None):
             obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, params)
+            # gymnax 1.x adds the final observation to info; purejaxrl keeps all of
+            # info for every step, which would hold a full copy of every observation
+            # (tens of GB at 8 seeds x 1e6 steps on MinAtar). Keep 0.x's info.
+            info = {k: v for k, v in info.items() if k not in ("final_observation", "terminated", "truncated")}
             return obs, state, reward, jax.numpy.logical_or(terminated, truncated), info
 
     def make(name, **kw):

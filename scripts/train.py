@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base PRNG seed")
     p.add_argument("--timesteps", type=float, default=None, help="env steps per seed (default: the preset's: 5e5 classic, 1e7 MinAtar)")
     p.add_argument("--preset", default=None, help="PPO preset: classic, minatar, brax, gridworld (default: by env)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (written into the optimizer's injected learning_rate)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the spec's lr=, else the env preset's); PPO writes it into the optimizer's injected learning_rate")
     p.add_argument("--ent-coef", type=float, default=None)
     p.add_argument("--clip-eps", type=float, default=None)
     p.add_argument("--gamma", type=float, default=None)
@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from agents.experiment import resolve_config, train_seeds
+    from agents.experiment import hparams_for_spec, resolve_config, train_seeds
     from learned_optim.spec import check_spec
     from meta.report import plot_curves, write_curve_csv, write_json
 
@@ -61,9 +61,10 @@ def main(argv=None) -> int:
             total_timesteps=int(timesteps) if timesteps is not None else None,
             num_envs=args.num_envs, num_steps=args.num_steps, update_epochs=args.epochs,
             num_minibatches=args.minibatches, hidden_sizes=hidden, activation=args.activation,
-            lr=args.lr, ent_coef=args.ent_coef, clip_eps=args.clip_eps, gamma=args.gamma,
+            ent_coef=args.ent_coef, clip_eps=args.clip_eps, gamma=args.gamma,
             gae_lambda=args.gae_lambda, vf_coef=args.vf_coef,
         )
+        hparams = hparams_for_spec(hparams, args.optimizer, args.lr)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     except ValueError as e:

@@ -3,6 +3,7 @@ formula's structure (noise only on the actor, mean removal), the published
 weights and their loader's errors."""
 
 import glob
+import os
 import math
 
 import flax.linen as nn
@@ -14,9 +15,10 @@ import pytest
 import learned_optim
 from learned_optim import base
 from learned_optim.context import LayerStats
+from tests.conftest import SHARED
 from learned_optim.open import BETAS, OPEN_LARGE, OPEN_SMALL, OpenRule, load_open_weights, open_features
 
-ANCHORS = sorted(glob.glob("/work/shared/anchors/open/*.npy"))
+ANCHORS = sorted(glob.glob(os.path.join(SHARED, "anchors", "open", "*.npy")))
 
 
 def tiny_params(continuous=False):

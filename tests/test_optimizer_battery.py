@@ -14,6 +14,7 @@ import pytest
 
 import learned_optim
 from learned_optim.context import LayerStats
+from tests.conftest import SHARED
 
 SPECS = [
     "adam",
@@ -32,7 +33,7 @@ SPECS = [
     "gru:hidden=4",
     "lstm:hidden=4",
 ]
-_OPEN_NPY = "/work/shared/anchors/open/breakout_OPEN.npy"
+_OPEN_NPY = os.path.join(SHARED, "anchors", "open", "breakout_OPEN.npy")
 SPECS.append(f"open:{_OPEN_NPY}" if os.path.exists(_OPEN_NPY) else "open")
 
 B = 8

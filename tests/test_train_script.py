@@ -47,3 +47,17 @@ def test_small_run_writes_results(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     lines = (tmp_path / "curve.csv").read_text().strip().splitlines()
     assert lines[0].startswith("env_steps,seed0,seed1,mean,std") and len(lines) == 13
+
+
+def test_learning_rate_precedence():
+    from agents.experiment import hparams_for_spec
+    from learned_optim.spec import explicit_learning_rate
+
+    preset = {"lr": 2.5e-4, "gamma": 0.99}
+    assert explicit_learning_rate("adam:eps=1e-5,lr=0.0123") == 0.0123
+    assert explicit_learning_rate("kfac:learning_rate=0.2") == 0.2
+    assert explicit_learning_rate("adam") is None and explicit_learning_rate("open:/x/lr=1.npy") is None
+    assert hparams_for_spec(preset, "adam")["lr"] == 2.5e-4
+    assert hparams_for_spec(preset, "adam:lr=0.0123")["lr"] == 0.0123
+    assert hparams_for_spec(preset, "adam:lr=0.0123", lr=0.5)["lr"] == 0.5
+    assert hparams_for_spec(preset, "adam:lr=0.0123")["gamma"] == 0.99
