@@ -252,12 +252,10 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
             next_obs, env_state, reward, terminated, truncated, info = vec_env.step(
                 k_env, env_state, action, env_params
             )
-            # Bootstrap through time limits: fold gamma * V(final obs) into the reward.
-            final_value = value_fn(state.params["critic"], info["final_obs"])
-            reward = reward + gamma * final_value * truncated.astype(jnp.float32)
             done = jnp.logical_or(terminated, truncated)
             transition = dict(
                 obs=obs, action=action, log_prob=logp, value=value, reward=reward, done=done,
+                truncated=truncated, final_obs=info["final_obs"],
                 episode_return=info["returned_episode_return"],
                 episode_done=info["returned_episode"],
             )
@@ -266,6 +264,13 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
         (env_state, obs, key), traj = jax.lax.scan(
             env_step, (state.env_state, state.obs, state.key), None, config.num_steps
         )
+        # Bootstrap through time limits: fold gamma * V(final obs) into the reward.
+        # One batched critic pass over the whole rollout (cheaper than one per step).
+        final_obs = traj.pop("final_obs")
+        final_value = value_fn(
+            state.params["critic"], final_obs.reshape((-1,) + final_obs.shape[2:])
+        ).reshape(traj["reward"].shape)
+        traj["reward"] = traj["reward"] + gamma * final_value * traj.pop("truncated").astype(jnp.float32)
         return state.replace(env_state=env_state, obs=obs, key=key), traj
 
     # Statistics for optimizers that ask (LayerStats) ---------------------------
