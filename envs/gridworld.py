@@ -115,7 +115,8 @@ class Gridworld(Env):
         unknown = sorted(set(overrides) - set(self.OVERRIDES))
         if unknown:
             raise ValueError(
-                f"unknown override(s) {unknown} for gridworld {name!r}; allowed: {list(self.OVERRIDES)}"
+                f"unknown override(s) {unknown} for gridworld {name!r}; "
+                f"allowed: {list(self.OVERRIDES)}"
             )
         horizon = overrides.get("horizon")
         max_steps_in_episode = overrides.get("max_steps_in_episode")

@@ -45,8 +45,8 @@ def test_every_gridworld_constructs_with_table_shapes(name):
 def test_table_orientation_and_reward_scale_attribute():
     env, params = envs.make_bare("gridworld/small_sparse_short")
     assert (env.rows, env.cols) == (5, 10)
-    assert envs.make_bare("gridworld/small_sparse_long")[0].observation_space(None).shape == (3, 10, 5)
-    assert envs.make_bare("gridworld/big_dense_short")[0].observation_space(None).shape == (5, 11, 15)
+    for name, shape in [("small_sparse_long", (3, 10, 5)), ("big_dense_short", (5, 11, 15))]:
+        assert Gridworld(name).observation_space(None).shape == shape
     dense, p = envs.make_bare("gridworld/small_dense_long")
     assert dense.reward_scale == 1e3
     np.testing.assert_array_equal(p.object_rewards, [1.0, -1.0])  # not applied by default
@@ -126,7 +126,8 @@ def test_respawn_at_free_cells():
     prm = params.replace(respawn_probs=jnp.ones(2, jnp.float32))
     state = _state([3, 3], [[1, 1], [2, 2]], present=[False, False])
     keys = jax.random.split(jax.random.key(0), 200)
-    _, s, *_ = jax.jit(jax.vmap(env.step, in_axes=(0, None, None, None)))(keys, state, _action(0, 0), prm)
+    step = jax.jit(jax.vmap(env.step, in_axes=(0, None, None, None)))
+    _, s, *_ = step(keys, state, _action(0, 0), prm)
     assert np.asarray(s.object_present).all()
     pos = np.asarray(s.object_pos)
     assert not (pos == [3, 3]).all(-1).any()  # not on the agent
