@@ -64,10 +64,13 @@ Safety nets: nothing here can turn finite gradients into NaN/Inf.
 The defaults make the last one practically unreachable: ``min_damping=1e-8``
 bounds every eigenvalue of the damped curvature away from zero.
 
-Cost and vmap: under ``jax.vmap`` (a population) the refresh's ``lax.cond``
-becomes a ``select`` and the eigendecompositions run every step; they are
-small (``[in+1]^2`` and ``[out]^2`` per layer), but the saving of
-``inverse_update_period`` only materialises without vmap.
+Cost and vmap: the eigendecompositions dominate the cost (``[in+1]^2`` and
+``[out]^2`` per layer). A plain ``lax.cond`` on a vmapped step counter would
+become a ``select`` and run them every step; ``any_member`` keeps the branch
+real under ``jax.vmap`` (a custom batching rule reduces the per-member
+predicate with ``any``), so a population whose counters agree pays for them
+once every ``inverse_update_period`` steps, and each member still refreshes
+exactly on its own schedule.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.custom_batching import custom_vmap
 
 from learned_optim import curvature as cv
 
@@ -139,17 +143,37 @@ def _safe_eigh(matrix: jax.Array):
     return vals, vecs, cv.all_finite(vals, vecs)
 
 
+def _after(previous: Optional[jax.Array], x: jax.Array) -> jax.Array:
+    """``x`` (unchanged in value), computed only once the eigenvalues
+    ``previous`` are. A real data dependency: XLA's CPU runtime orders work by
+    buffers, so ``lax.optimization_barrier`` would not serialise the calls;
+    ``0 * finite`` is not folded away for floats."""
+    if previous is None:
+        return x
+    first = previous[..., 0]
+    return x + 0.0 * jnp.where(jnp.isfinite(first), first, 0.0)[..., None, None]
+
+
 def _refresh(layers):
     """Eigendecomposes every layer's current factor estimates; keeps the old
-    decomposition where the new one is not finite. Returns (layers, failures)."""
-    out, failed = [], []
+    decomposition where the new one is not finite. Returns (layers, failures).
+
+    The eigendecompositions are chained one after another (``_after``). jaxlib's CPU
+    LAPACK kernels split a batched (vmapped) eigh over XLA's intra-op thread
+    pool and block until the pieces finish; several of them running at once
+    inside a ``lax.cond`` branch can block every pool thread and hang forever
+    on a 2-core machine (seen with PPO on CartPole). The matrices are small,
+    so running them in sequence costs little.
+    """
+    out, failed, previous = [], [], None
     for ls in layers:
         if not isinstance(ls, KFACLayerState):
             out.append(ls)
             continue
         w = jnp.maximum(ls.weight, 1e-30)
-        sa, qa, ok_a = _safe_eigh(ls.a_factor / w)
-        sg, qg, ok_g = _safe_eigh(ls.g_factor / w)
+        sa, qa, ok_a = _safe_eigh(_after(previous, ls.a_factor / w))
+        sg, qg, ok_g = _safe_eigh(_after(sa, ls.g_factor / w))
+        previous = sg
         ok = ok_a & ok_g
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         out.append(ls._replace(
@@ -158,6 +182,23 @@ def _refresh(layers):
         ))
         failed.append(~ok)
     return out, cv.count(failed)
+
+
+@custom_vmap
+def any_member(pred: jax.Array) -> jax.Array:
+    """``pred`` itself; under ``jax.vmap``, whether it holds for *any* member,
+    unbatched. A ``lax.cond`` on a batched predicate runs both branches for
+    everyone (it becomes a ``select``); on this one it stays a real branch, so
+    a vmapped population pays for eigendecompositions only at steps where some
+    member is due (every ``inverse_update_period`` steps when counts agree).
+    The branch then selects per member, so each keeps its own schedule."""
+    return pred
+
+
+@any_member.def_vmap
+def _any_member_rule(axis_size, in_batched, pred):
+    del axis_size
+    return any_member(jnp.any(pred) if in_batched[0] else pred), False
 
 
 def _denominator(ls: KFACLayerState, damping: jax.Array, mode: str) -> jax.Array:
@@ -239,10 +280,16 @@ def scale_by_kfac(
             ))
             skipped.append(~ok)
 
-        # 2. Eigendecompositions at steps 0, T, 2T, ...
-        refresh = (state.count % period) == 0
+        # 2. Eigendecompositions at steps 0, T, 2T, ... of each member's own count.
+        due = (state.count % period) == 0
+
+        def refresh_due(layers):
+            refreshed, failed = _refresh(layers)
+            keep = lambda new, old: jnp.where(due, new, old)  # noqa: E731
+            return jax.tree.map(keep, refreshed, layers), jnp.where(due, failed, 0)
+
         new_states, failed = jax.lax.cond(
-            refresh, _refresh, lambda s: (s, jnp.zeros((), jnp.int32)), new_states
+            any_member(due), refresh_due, lambda s: (s, jnp.zeros((), jnp.int32)), new_states
         )
 
         # 3. Damped preconditioning; first-order steps for other leaves.

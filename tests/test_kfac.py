@@ -443,3 +443,33 @@ def test_kfac_specific_config_errors():
         learned_optim.from_spec("kfac:mode=pi")
     with pytest.raises(ValueError, match="mode.*natural, sqrt"):
         learned_optim.from_spec("diag_ggn:mode=exact")
+
+
+def test_vmapped_refresh_is_a_real_branch_and_keeps_each_members_schedule(setup):
+    """Under vmap the refresh stays a ``cond`` (eigh only inside it), and members
+    whose counters differ still refresh exactly on their own steps."""
+    params, _, _, stats, grads = setup
+    tx = scale_by_kfac(damping=1e-2, inverse_update_period=3)
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+    state = stack([tx.init(params)] * 2)
+    state = state._replace(count=jnp.array([0, 1], jnp.int32))  # member 1 is one step ahead
+    upd = jax.vmap(lambda s, st: tx.update(grads, s, params, layer_stats=st))
+
+    jaxpr = jax.make_jaxpr(upd)(state, stack([stats] * 2)).jaxpr
+    top = [e.primitive.name for e in jaxpr.eqns]
+    assert "cond" in top and "eigh" not in top
+    cond = next(e for e in jaxpr.eqns if e.primitive.name == "cond")
+    assert cond.invars[0].aval.shape == ()  # an unbatched predicate: not turned into a select
+    assert any("eigh" in str(b) for b in cond.params["branches"])
+
+    upd = jax.jit(upd)
+    changed = {0: [], 1: []}
+    for step in range(7):
+        x, k = batch(jax.random.key(200 + step))
+        st, _ = hand_stats(params, x, k)
+        _, new = upd(state, stack([st] * 2))
+        for m in (0, 1):
+            if not np.array_equal(new.layers["Dense_1"].g_eigvals[m], state.layers["Dense_1"].g_eigvals[m]):
+                changed[m].append(step)
+        state = new
+    assert changed == {0: [0, 3, 6], 1: [2, 5]}  # member 1's counts are 1..7: due at 3 and 6
