@@ -75,7 +75,8 @@ def flatten_layers(tree: Any) -> Tuple[List[Tuple[Any, Any]], Any]:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "<root>"
+    names = (str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return "/".join(names) or "<root>"
 
 
 def layer_dims(node: Any) -> Tuple[int, int, bool]:

@@ -8,8 +8,29 @@ differ between population members under ``jax.vmap`` and PBT can change
 them without recompiling. Spec: ``kfac:lr=0.05,damping=1e-3,...`` (see
 ``from_spec_arg``).
 
-What it computes, per dense layer (see ``learned_optim.curvature`` for which
-parameters are dense and how to supply ``layer_stats`` in your own loop)
+Statistics
+----------
+``update`` needs the keyword argument ``layer_stats`` (``learned_optim.context``):
+for every dense layer, per-example ``inputs [B, in]`` and ``preact_grads
+[B, out]`` (gradients of the log-likelihood of targets sampled from the
+model, not divided by ``B``). Our agents supply it because the state asks for
+it (``ScaleByKFACState.required_stats``). In your own loop, for a flax model
+made of ``nn.Dense`` layers::
+
+    from learned_optim.curvature import dense_layer_stats, categorical_sampled_loglik
+    tx = kfac(learning_rate=0.05, damping=1e-3)
+    opt_state = tx.init(params)
+    grads = jax.grad(loss_fn)(params, x, y)
+    stats = dense_layer_stats(model, {"params": params}, x, categorical_sampled_loglik, key)
+    updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+
+(``dense_layer_stats`` intercepts each ``nn.Dense`` call: it records the
+input and differentiates through a zero perturbation added to the output,
+like flax's ``Module.perturb``; see ``learned_optim.curvature``.) Without
+``layer_stats``, ``update`` raises a ``ValueError`` saying this, at trace time.
+
+What it computes, per dense layer (``learned_optim.curvature`` says which
+parameters count as dense)
 -----------------------------------------------------------------------------
 With ``a_i = [inputs_i, 1]`` (``[in + 1]``, the 1 is the bias's homogeneous
 coordinate) and ``g_i = preact_grads_i`` (``[out]``) for the ``N`` examples
@@ -334,7 +355,9 @@ def scale_by_kfac(
 def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale):
     if isinstance(inverse_update_period, bool) or not isinstance(inverse_update_period, int) \
             or inverse_update_period < 1:
-        raise ValueError(f"kfac: inverse_update_period must be an integer >= 1, got {inverse_update_period!r}")
+        raise ValueError(
+            f"kfac: inverse_update_period must be an integer >= 1, got {inverse_update_period!r}"
+        )
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"kfac: damping_mode={damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}")
     cv.check_first_order(first_order, "kfac")

@@ -23,9 +23,10 @@ IN, HID, OUT, B = 3, 4, 2, 6
 
 def make_params(key, log_std=True):
     ks = jax.random.split(key, 4)
+    n = jax.random.normal
     p = {
-        "Dense_0": {"kernel": jax.random.normal(ks[0], (IN, HID)), "bias": 0.1 * jax.random.normal(ks[1], (HID,))},
-        "Dense_1": {"kernel": jax.random.normal(ks[2], (HID, OUT)), "bias": 0.1 * jax.random.normal(ks[3], (OUT,))},
+        "Dense_0": {"kernel": n(ks[0], (IN, HID)), "bias": 0.1 * n(ks[1], (HID,))},
+        "Dense_1": {"kernel": n(ks[2], (HID, OUT)), "bias": 0.1 * n(ks[3], (OUT,))},
     }
     if log_std:
         p["log_std"] = jnp.array([0.3, -0.2])
@@ -41,7 +42,9 @@ def hand_stats(params, x, key):
     y = jax.random.categorical(key, logits)
     d1 = jax.nn.one_hot(y, OUT) - jax.nn.softmax(logits)  # d log softmax_y / d logits
     d0 = (d1 @ w1.T) * (1.0 - h**2)  # back through the kernel and tanh
-    return {"Dense_0": LayerStats(inputs=x, preact_grads=d0), "Dense_1": LayerStats(inputs=h, preact_grads=d1)}, y
+    stats = {"Dense_0": LayerStats(inputs=x, preact_grads=d0),
+             "Dense_1": LayerStats(inputs=h, preact_grads=d1)}
+    return stats, y
 
 
 def batch(key, n=B):
@@ -67,7 +70,8 @@ def factors(st):
 
 def layer_vec(node):
     """[kernel; bias] flattened row-major: the order kron(A, G) acts on."""
-    return np.concatenate([np.asarray(node["kernel"], np.float64), np.asarray(node["bias"], np.float64)[None]]).reshape(-1)
+    kernel, bias = np.asarray(node["kernel"], np.float64), np.asarray(node["bias"], np.float64)
+    return np.concatenate([kernel, bias[None]]).reshape(-1)
 
 
 def from_vec(vec, node):
@@ -107,7 +111,8 @@ def dense_kfac_step(stats, grads, damping, mode="exact"):
 def assert_tree_close(actual, expected, rtol=1e-4, atol=1e-6):
     for n in expected:
         for k in expected[n]:
-            np.testing.assert_allclose(np.asarray(actual[n][k]), expected[n][k], rtol=rtol, atol=atol, err_msg=f"{n}/{k}")
+            np.testing.assert_allclose(
+                np.asarray(actual[n][k]), expected[n][k], rtol=rtol, atol=atol, err_msg=f"{n}/{k}")
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +152,9 @@ def test_dense_layer_stats_helper_matches_hand_stats(setup):
 
     flax_params = {k: params[k] for k in LAYERS}
     _, ky = batch(jax.random.key(1))
-    got = jax.jit(lambda p, x: cv.dense_layer_stats(MLP(), {"params": p}, x, cv.categorical_sampled_loglik, ky))(
-        flax_params, x)
+    stats_fn = lambda p, x: cv.dense_layer_stats(  # noqa: E731
+        MLP(), {"params": p}, x, cv.categorical_sampled_loglik, ky)
+    got = jax.jit(stats_fn)(flax_params, x)
     assert set(got) == set(LAYERS)
     for name in LAYERS:
         np.testing.assert_allclose(got[name].inputs, stats[name].inputs, rtol=1e-5, atol=1e-6)
@@ -175,11 +181,12 @@ def test_factors_equal_exact_kronecker_factors_and_ema(setup):
         np.testing.assert_allclose(ls.a_factor / ls.weight, a1, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ls.g_factor / ls.weight, g1, rtol=1e-5, atol=1e-7)
         ls = s2.layers[name]  # bias-corrected EMA: (d A1 + A2) / (d + 1)
-        np.testing.assert_allclose(ls.a_factor / ls.weight, (decay * a1 + a2) / (decay + 1), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ls.g_factor / ls.weight, (decay * g1 + g2) / (decay + 1), rtol=1e-5, atol=1e-7)
+        a_ema, g_ema = (decay * a1 + a2) / (decay + 1), (decay * g1 + g2) / (decay + 1)
+        np.testing.assert_allclose(ls.a_factor / ls.weight, a_ema, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ls.g_factor / ls.weight, g_ema, rtol=1e-5, atol=1e-7)
         # The refresh's eigendecomposition reconstructs the estimate.
-        np.testing.assert_allclose(
-            (ls.a_eigvecs * ls.a_eigvals) @ ls.a_eigvecs.T, (decay * a1 + a2) / (decay + 1), rtol=1e-4, atol=1e-5)
+        rebuilt = (ls.a_eigvecs * ls.a_eigvals) @ ls.a_eigvecs.T
+        np.testing.assert_allclose(rebuilt, a_ema, rtol=1e-4, atol=1e-5)
 
 
 def test_single_example_kronecker_is_exact_fisher(setup):
@@ -252,7 +259,8 @@ def test_non_finite_stats_and_damping_are_contained(setup):
     tx = kfac(learning_rate=0.1, damping=1e-2)
     s0 = tx.init(params)
     _, s1 = jax.jit(tx.update)(grads, s0, params, layer_stats=stats)
-    bad = dict(stats, Dense_1=stats["Dense_1"]._replace(preact_grads=stats["Dense_1"].preact_grads.at[0, 0].set(jnp.nan)))
+    nan_grads = stats["Dense_1"].preact_grads.at[0, 0].set(jnp.nan)
+    bad = dict(stats, Dense_1=stats["Dense_1"]._replace(preact_grads=nan_grads))
     u, s2 = jax.jit(tx.update)(grads, s1, params, layer_stats=bad)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(u))
     inner1, inner2 = s1.inner_state[0], s2.inner_state[0]
@@ -286,7 +294,8 @@ def test_inverse_refresh_exactly_every_period(setup):
             np.testing.assert_array_equal(cur.g_eigvals, prev.g_eigvals)
             # Between refreshes the step uses the factors of the last refresh.
             a_old = refresh_state.a_factor / refresh_state.weight
-            np.testing.assert_allclose((cur.a_eigvecs * cur.a_eigvals) @ cur.a_eigvecs.T, a_old, rtol=1e-4, atol=1e-5)
+            rebuilt = (cur.a_eigvecs * cur.a_eigvals) @ cur.a_eigvecs.T
+            np.testing.assert_allclose(rebuilt, a_old, rtol=1e-4, atol=1e-5)
             assert not np.allclose(cur.a_factor / cur.weight, a_old, rtol=1e-3)
         prev = cur
     assert refreshed_at == [0, 3, 6]
@@ -299,7 +308,9 @@ def test_norm_constraint_bounds_the_step(setup):
     free, _ = jax.jit(tx_free.update)(grads, tx_free.init(params), params, layer_stats=stats)
     tx = kfac(learning_rate=lr, damping=1e-2, norm_constraint=c)
     capped, _ = jax.jit(tx.update)(grads, tx.init(params), params, layer_stats=stats)
-    dot = lambda u: sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grads)))  # noqa: E731
+    def dot(u):
+        return sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grads)))
+
     ratio = np.asarray(capped["Dense_0"]["kernel"]) / np.asarray(free["Dense_0"]["kernel"])
     coef = float(ratio.flat[0])
     np.testing.assert_allclose(ratio, coef, rtol=1e-4)  # a pure rescaling of the whole step
@@ -318,14 +329,15 @@ def test_diag_ggn_equals_diagonal_of_dense_empirical_fisher(setup, mode):
     params, _, _, stats, grads = setup
     damping = 1e-2
     # Dense Fisher of all dense parameters from per-example gradients v_i.
-    per_example = np.concatenate(
-        [np.einsum("bi,bj->bij", aug(stats[n].inputs), np.asarray(stats[n].preact_grads, np.float64)).reshape(B, -1)
-         for n in LAYERS], axis=1)
+    per_example = np.concatenate([
+        np.einsum("bi,bj->bij", aug(stats[n].inputs), np.float64(stats[n].preact_grads)).reshape(B, -1)
+        for n in LAYERS], axis=1)
     fisher = per_example.T @ per_example / B
     diag = np.diag(fisher)
     tx = scale_by_diag_ggn(damping=damping, mode=mode)
     u, state = jax.jit(tx.update)(grads, tx.init(params), params, layer_stats=stats)
-    got = np.concatenate([np.asarray(state.layers[n].diag / state.layers[n].weight).reshape(-1) for n in LAYERS])
+    got = np.concatenate(
+        [np.asarray(state.layers[n].diag / state.layers[n].weight).reshape(-1) for n in LAYERS])
     np.testing.assert_allclose(got, diag, rtol=1e-5, atol=1e-8)
     g = np.concatenate([layer_vec(grads[n]) for n in LAYERS])
     curv = diag if mode == "natural" else np.sqrt(diag)
@@ -473,3 +485,37 @@ def test_vmapped_refresh_is_a_real_branch_and_keeps_each_members_schedule(setup)
                 changed[m].append(step)
         state = new
     assert changed == {0: [0, 3, 6], 1: [2, 5]}  # member 1's counts are 1..7: due at 3 and 6
+
+
+def test_own_training_loop_with_nested_flax_model():
+    """The documented recipe: stats from ``dense_layer_stats`` for a model with a
+    nested submodule fit the params tree, and the step is the dense K-FAC solve."""
+
+    class Head(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return nn.Dense(OUT, name="out")(h)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Head(name="head")(jnp.tanh(nn.Dense(HID, name="body")(x)))
+
+    model = Net()
+    x, _ = batch(jax.random.key(11))
+    params = model.init(jax.random.key(12), x)["params"]
+    y = jax.random.randint(jax.random.key(13), (B,), 0, OUT)
+
+    def loss(p):
+        logp = jax.nn.log_softmax(model.apply({"params": p}, x))
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+
+    grads = jax.grad(loss)(params)
+    key = jax.random.key(14)
+    stats = cv.dense_layer_stats(model, {"params": params}, x, cv.categorical_sampled_loglik, key)
+    assert set(stats) == {"body", "head"} and set(stats["head"]) == {"out"}
+    tx = scale_by_kfac(damping=1e-2)
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params, layer_stats=stats)
+    flat = {"Dense_0": stats["body"], "Dense_1": stats["head"]["out"]}
+    ref = dense_kfac_step(flat, {"Dense_0": grads["body"], "Dense_1": grads["head"]["out"]}, 1e-2)
+    assert_tree_close({"Dense_0": u["body"], "Dense_1": u["head"]["out"]}, ref, rtol=2e-4, atol=1e-5)

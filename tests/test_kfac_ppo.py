@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent(
     state, m = jax.jit(jax.vmap(agent.train))(keys, hp)
     health = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, CurvatureHealth))
               if isinstance(x, CurvatureHealth)]
-    moved = float(jnp.abs(state.params["actor"]["Dense_0"]["kernel"] - init.params["actor"]["Dense_0"]["kernel"]).max())
+    kernel = lambda s: s.params["actor"]["Dense_0"]["kernel"]
+    moved = float(jnp.abs(kernel(state) - kernel(init)).max())
     print(json.dumps(dict(
         stats=sorted(agent.stats_needed), finite=bool(np.all(m["finite"])), moved=moved,
         health=[[int(v) for v in np.ravel(f)] for h in health for f in h],
