@@ -186,7 +186,7 @@ class Gridworld(Env):
         walls = jnp.asarray(self.walls)
         limit = jnp.array([self.rows - 1, self.cols - 1], jnp.int32)
 
-        target = jnp.clip(state.agent_pos + jnp.asarray(MOVES)[action], 0, limit)
+        target = jnp.clip(state.agent_pos + jnp.asarray(MOVES)[jnp.asarray(action, jnp.int32)], 0, limit)
         agent_pos = jnp.where(walls[target[0], target[1]], state.agent_pos, target)
 
         picked = state.object_present & jnp.all(state.object_pos == agent_pos, axis=-1)
