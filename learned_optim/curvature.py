@@ -256,7 +256,55 @@ def norm_constraint_scale(
     return jnp.where((c > 0) & jnp.isfinite(scale), scale, 1.0)
 
 
+# Scaffolding shared by the curvature transforms ---------------------------------------
+
+
+def init_layer_states(params: Any, init_dense: Callable[[Any], Any]) -> Any:
+    """Per-layer states in the layer tree of ``params``: ``init_dense(node)``
+    for dense layers, ``first_order_init`` for other leaves."""
+    pairs, treedef = flatten_layers(params)
+    states = [init_dense(n) if is_dense(n) else first_order_init(n) for _, n in pairs]
+    return jax.tree_util.tree_unflatten(treedef, states)
+
+
+def pair_layer_states(updates: Any, layers: Any, is_layer_state: Callable[[Any], bool], who: str):
+    """``(pairs, treedef, layer_states)``: the layers of ``updates`` beside
+    their states; a state made for another parameter tree -> ``ValueError``."""
+    pairs, treedef = flatten_layers(updates)
+    layer_states = jax.tree_util.tree_leaves(layers, is_leaf=is_layer_state)
+    if len(layer_states) != len(pairs):
+        raise ValueError(f"{who}: the state was made for a different parameter tree")
+    return pairs, treedef, layer_states
+
+
+def finish_steps(outs: List[Any], pairs, treedef, norm_constraint, learning_rate) -> Any:
+    """The per-layer steps ``outs`` scaled by the norm constraint, as a tree."""
+    scale = norm_constraint_scale(
+        jax.tree_util.tree_leaves(outs), jax.tree_util.tree_leaves([n for _, n in pairs]),
+        norm_constraint, learning_rate,
+    )
+    outs = [jax.tree.map(lambda x: (x * scale).astype(x.dtype), o) for o in outs]
+    return jax.tree_util.tree_unflatten(treedef, outs)
+
+
+def next_health(health: CurvatureHealth, skipped, fell_back, failed=None) -> CurvatureHealth:
+    return CurvatureHealth(
+        skipped_stats=health.skipped_stats + count(skipped),
+        failed_factorizations=health.failed_factorizations + (0 if failed is None else failed),
+        fallback_updates=health.fallback_updates + count(fell_back),
+    )
+
+
 # Argument checks of the public factories ---------------------------------------------
+
+
+def check_injected(who: str, learning_rate, damping, ema_decay, norm_constraint) -> None:
+    """Checks the injected hyperparameters shared by K-FAC and diagonal GGN."""
+    if not callable(learning_rate):
+        check_number("learning_rate", learning_rate, who)
+    check_number("damping", damping, who)
+    check_number("ema_decay", ema_decay, who, 0.0, 1.0)
+    check_number("norm_constraint", norm_constraint, who)
 
 
 def check_number(name: str, value: Any, who: str, low: float = 0.0, high: Optional[float] = None,
@@ -374,43 +422,3 @@ def dense_layer_stats(
         node[path[-1]] = LayerStats(inputs=inputs[path], preact_grads=grads[path])
     return tree
 
-
-# Spec strings ---------------------------------------------------------------------------
-
-
-def parse_spec_arg(name: str, arg: str, numeric: Sequence[str], integer: Sequence[str] = (),
-                   choices: Optional[dict] = None, aliases: Optional[dict] = None) -> dict:
-    """``"lr=0.1,mode=factored"`` -> keyword arguments, checked; ``ValueError``
-    naming the setting and the allowed ones otherwise."""
-    choices = choices or {}
-    aliases = aliases or {}
-    allowed = tuple(numeric) + tuple(integer) + tuple(choices)
-    spec = f"{name}:{arg}"
-    out: dict = {}
-    for item in filter(None, (a.strip() for a in arg.split(","))):
-        if "=" not in item:
-            raise ValueError(f"optimizer spec {spec!r}: expected key=value, got {item!r}")
-        key, value = (s.strip() for s in item.split("=", 1))
-        key = aliases.get(key, key)
-        if key not in allowed:
-            raise ValueError(
-                f"optimizer spec {spec!r}: unknown setting {key!r}; allowed: {', '.join(allowed)} "
-                f"(aliases: {', '.join(f'{a}={b}' for a, b in aliases.items())})"
-            )
-        if key in choices:
-            if value not in choices[key]:
-                raise ValueError(
-                    f"optimizer spec {spec!r}: {key}={value!r}; allowed: {', '.join(choices[key])}"
-                )
-            out[key] = value
-            continue
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} is not a number") from None
-        if key in integer:
-            if not number.is_integer():
-                raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} must be an integer")
-            number = int(number)
-        out[key] = number
-    return out

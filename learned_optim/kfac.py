@@ -266,20 +266,15 @@ def scale_by_kfac(
     period = int(inverse_update_period)
 
     def init_fn(params):
-        pairs, treedef = cv.flatten_layers(params)
-        states = [_init_layer(n) if cv.is_dense(n) else cv.first_order_init(n) for _, n in pairs]
         return ScaleByKFACState(
             count=jnp.zeros((), jnp.int32),
-            layers=jax.tree_util.tree_unflatten(treedef, states),
+            layers=cv.init_layer_states(params, _init_layer),
             health=cv.CurvatureHealth.zeros(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
-        pairs, treedef = cv.flatten_layers(updates)
-        layer_states = jax.tree_util.tree_leaves(state.layers, is_leaf=_is_layer_state)
-        if len(layer_states) != len(pairs):
-            raise ValueError(f"{_WHO}: the state was made for a different parameter tree")
+        pairs, treedef, layer_states = cv.pair_layer_states(updates, state.layers, _is_layer_state, _WHO)
         layer_stats = extra_args.get("layer_stats")
         decay = jnp.asarray(ema_decay, jnp.float32)
 
@@ -331,23 +326,12 @@ def scale_by_kfac(
             final_states.append(ls)
             fell_back.append(~ok)
 
-        scale = cv.norm_constraint_scale(
-            jax.tree_util.tree_leaves(outs), jax.tree_util.tree_leaves([n for _, n in pairs]),
-            norm_constraint, learning_rate,
-        )
-        outs = [jax.tree.map(lambda x: (x * scale).astype(x.dtype), o) for o in outs]
-        health = state.health
-        health = cv.CurvatureHealth(
-            skipped_stats=health.skipped_stats + cv.count(skipped),
-            failed_factorizations=health.failed_factorizations + failed,
-            fallback_updates=health.fallback_updates + cv.count(fell_back),
-        )
         new_state = ScaleByKFACState(
             count=optax.safe_increment(state.count),
             layers=jax.tree_util.tree_unflatten(treedef, final_states),
-            health=health,
+            health=cv.next_health(state.health, skipped, fell_back, failed),
         )
-        return jax.tree_util.tree_unflatten(treedef, outs), new_state
+        return cv.finish_steps(outs, pairs, treedef, norm_constraint, learning_rate), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -397,11 +381,7 @@ def kfac(
     in ``state.hyperparams`` (float32); the rest is static. ``norm_constraint
     = 0`` disables the constraint. Raises ``ValueError`` on bad settings.
     """
-    if not callable(learning_rate):
-        cv.check_number("learning_rate", learning_rate, "kfac")
-    cv.check_number("damping", damping, "kfac")
-    cv.check_number("ema_decay", ema_decay, "kfac", 0.0, 1.0)
-    cv.check_number("norm_constraint", norm_constraint, "kfac")
+    cv.check_injected("kfac", learning_rate, damping, ema_decay, norm_constraint)
     _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale)
     return optax.inject_hyperparams(_kfac_chain, static_args=_STATIC)(
         learning_rate=learning_rate, damping=damping, ema_decay=ema_decay,
@@ -419,12 +399,14 @@ def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
     """``kfac:lr=0.05,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
     inverse_update_period=5,damping_mode=exact|factored,first_order=sgd|rms,
     min_damping=1e-8`` (aliases: ema, period, norm, mode)."""
-    kwargs = cv.parse_spec_arg(
-        "kfac", arg,
-        numeric=("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping",
-                 "fallback_scale"),
+    from learned_optim.spec import parse_kwargs
+
+    kwargs = parse_kwargs(
+        arg,
+        ("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping", "fallback_scale"),
         integer=("inverse_update_period",),
         choices={"damping_mode": DAMPING_MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
+        spec=f"kfac:{arg}",
     )
     return kfac(**kwargs)

@@ -18,7 +18,7 @@ state where agents and PBT can change it without recompiling.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import optax
 
@@ -62,22 +62,44 @@ def known_optimizers() -> Tuple[str, ...]:
     return tuple(sorted(set(_BUILTIN) | set(_EXTERNAL)))
 
 
-def parse_kwargs(arg: str, allowed, spec: str) -> Dict[str, float]:
-    """``"lr=1e-3,eps=1e-5"`` -> ``{"learning_rate": 1e-3, "eps": 1e-5}``, checked."""
-    out: Dict[str, float] = {}
+def parse_kwargs(arg: str, allowed, spec: str, integer=(), choices=None, aliases=None) -> Dict[str, Any]:
+    """``"lr=1e-3,eps=1e-5"`` -> ``{"learning_rate": 1e-3, "eps": 1e-5}``, checked.
+
+    ``allowed``: numeric settings; ``integer``: settings that must be whole
+    numbers; ``choices``: ``{setting: allowed strings}``; ``aliases``: short
+    names (``lr`` always means ``learning_rate``). Anything else -> a
+    ``ValueError`` naming the setting and the allowed ones."""
+    choices = choices or {}
+    aliases = {**_LR_ALIASES, **(aliases or {})}
+    names = tuple(allowed) + tuple(k for k in integer if k not in allowed) + tuple(choices)
+    out: Dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in arg.split(","))):
         if "=" not in item:
             raise ValueError(f"optimizer spec {spec!r}: expected key=value, got {item!r}")
         key, value = (s.strip() for s in item.split("=", 1))
-        key = _LR_ALIASES.get(key, key)
-        if key not in allowed:
+        key = aliases.get(key, key)
+        if key not in names:
+            extra = {a: b for a, b in aliases.items() if b in names}
+            hint = f" (aliases: {', '.join(f'{a}={b}' for a, b in extra.items())})" if extra else ""
             raise ValueError(
-                f"optimizer spec {spec!r}: unknown setting {key!r}; allowed: {', '.join(allowed)}"
+                f"optimizer spec {spec!r}: unknown setting {key!r}; allowed: {', '.join(names)}{hint}"
             )
+        if key in choices:
+            if value not in choices[key]:
+                raise ValueError(
+                    f"optimizer spec {spec!r}: {key}={value!r}; allowed: {', '.join(choices[key])}"
+                )
+            out[key] = value
+            continue
         try:
-            out[key] = float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} is not a number") from None
+        if key in integer:
+            if not number.is_integer():
+                raise ValueError(f"optimizer spec {spec!r}: {key}={value!r} must be an integer")
+            number = int(number)
+        out[key] = number
     return out
 
 
