@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""What an optimizer costs: env steps per second of PPO with each optimizer,
+measured side by side in one process, as a ratio to the first one.
+
+    python scripts/speed.py --env Breakout-MinAtar \\
+        --optimizers adam,open:../shared/anchors/open/breakout_OPEN.npy,optim4rl,kfac:period=10,diag_ggn \\
+        --seeds 1 --updates 8 --repeats 3
+
+Every optimizer trains ``--seeds`` vmapped PPO agents with the env's preset
+(``agents.experiment.resolve_config``) for ``--updates`` PPO iterations per
+timed call. Calls alternate between optimizers (round robin, ``--repeats``
+rounds) so a noisy, shared machine disturbs all of them alike; the median
+round is reported. Memory is XLA's own account of each compiled program
+(arguments + outputs + temporaries), so one process can compare them; the
+process's peak RSS is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="Breakout-MinAtar")
+    p.add_argument("--optimizers", default="adam,open,optim4rl,kfac,diag_ggn",
+                   help="comma-separated optimizer specs; the first is the baseline")
+    p.add_argument("--seeds", type=int, default=1, help="vmapped agents per optimizer")
+    p.add_argument("--updates", type=int, default=8, help="PPO iterations per timed call")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (round robin over optimizers)")
+    p.add_argument("--out", default=None, help="write the measurements as JSON here")
+    return p.parse_args(argv)
+
+
+def build(env_name, spec, seeds, updates):
+    import jax
+    import jax.numpy as jnp
+
+    import envs
+    import learned_optim
+    from agents.experiment import resolve_config
+    from agents.ppo import PPOHParams, make_ppo
+
+    config, hp = resolve_config(env_name)
+    env, env_params = envs.make(env_name)
+    agent = make_ppo(config, env, env_params, learned_optim.from_spec(spec))
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,)), PPOHParams.default(**hp))
+    state = jax.jit(jax.vmap(agent.init))(jax.random.split(jax.random.key(0), seeds), hp)
+    t0 = time.perf_counter()
+    run = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1).lower(state, updates).compile()
+    compile_s = time.perf_counter() - t0
+    mem = run.memory_analysis()
+    mem_mb = None
+    if mem is not None:
+        mem_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+    state, _ = jax.block_until_ready(run(state))  # warm-up call
+    return dict(run=run, state=state, compile_s=compile_s, program_mb=mem_mb,
+                steps=seeds * updates * config.batch_size, times=[])
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import envs
+    import learned_optim
+
+    specs = [s.strip() for s in a.optimizers.split(",") if s.strip()]
+    try:
+        if a.env not in envs.known_envs():
+            raise ValueError(f"unknown env {a.env!r}; known: {', '.join(envs.known_envs())}")
+        for s in specs:
+            learned_optim.from_spec(s)
+        for name in ("seeds", "updates", "repeats"):
+            if getattr(a, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(a, name)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from meta.report import device_description, peak_memory_mb, write_json
+
+    cells = {}
+    for s in specs:
+        print(f"compiling {s} ...", flush=True)
+        cells[s] = build(a.env, s, a.seeds, a.updates)
+    for r in range(a.repeats):
+        for s in specs:
+            c = cells[s]
+            t = time.perf_counter()
+            c["state"], _ = jax.block_until_ready(c["run"](c["state"]))
+            c["times"].append(time.perf_counter() - t)
+        print(f"round {r + 1}/{a.repeats}: " + ", ".join(
+            f"{s} {cells[s]['steps'] / cells[s]['times'][-1]:,.0f}" for s in specs) + " steps/s", flush=True)
+
+    base = cells[specs[0]]["steps"] / statistics.median(cells[specs[0]]["times"])
+    rows = []
+    print(f"\n{a.env}, {a.seeds} seed(s), {a.updates} PPO iterations per call, {device_description()}")
+    print("| optimizer | env steps/s | ratio to " + specs[0] + " | compile s | program memory MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for s in specs:
+        c = cells[s]
+        sps = c["steps"] / statistics.median(c["times"])
+        mem = f"{c['program_mb']:.1f}" if c["program_mb"] is not None else "n/a"
+        print(f"| {s} | {sps:,.0f} | {sps / base:.2f}x | {c['compile_s']:.1f} | {mem} |")
+        rows.append(dict(optimizer=s, env_steps_per_second=sps, ratio=sps / base, compile_s=c["compile_s"],
+                         program_mb=c["program_mb"], times=c["times"]))
+    peak = peak_memory_mb()
+    print(f"process peak RSS {peak['host_peak_rss_mb']:.0f} MiB")
+    if a.out:
+        write_json(a.out, dict(env=a.env, seeds=a.seeds, updates=a.updates, device=device_description(),
+                               rows=rows, memory=peak))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
