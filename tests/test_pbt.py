@@ -1,0 +1,521 @@
+"""PBT, GPBT-PL, PB2 and mixed-optimizer populations (meta/pbt.py)."""
+
+import os
+import subprocess
+import sys
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from meta import pbt
+from tests.conftest import ROOT
+
+
+# ---------------------------------------------------------------------------
+# A toy agent: the return grows at rate 1 - 4 (x - 0.7)^2, so x = 0.7 is best.
+# ---------------------------------------------------------------------------
+
+BEST_X = 0.7
+
+
+class ToyHP(NamedTuple):
+    x: jax.Array
+    lr: jax.Array  # tuned as well in some tests
+    fixed: jax.Array  # never tuned
+
+
+@struct.dataclass
+class ToyState:
+    params: dict
+    opt_state: dict
+    hparams: ToyHP
+    key: jax.Array
+    steps: jax.Array
+
+
+def toy_agent(opt_kind="a", noise=0.0):
+    def init_opt(params):
+        if opt_kind == "a":
+            return {"m": jnp.zeros_like(params["w"])}
+        return {"m": jnp.zeros_like(params["w"]), "v": jnp.full_like(params["w"], 5.0),
+                "count": jnp.zeros((), jnp.int32)}
+
+    def init(key, hp):
+        params = {"w": jnp.zeros((3,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+        return ToyState(params, init_opt(params), hp, key, jnp.zeros((), jnp.int32))
+
+    def run(state, n):
+        def upd(s, _):
+            key, k = jax.random.split(s.key)
+            gain = 1.0 - 4.0 * (s.hparams.x - BEST_X) ** 2
+            w = s.params["w"] + gain
+            opt = jax.tree.map(lambda o: o + 1 if o.dtype == jnp.int32 else o + 0.1, s.opt_state)
+            ret = w[0] + noise * jax.random.normal(k)
+            s = s.replace(params={**s.params, "w": w}, opt_state=opt, key=key, steps=s.steps + 1)
+            return s, {"episode_return": ret}
+
+        return jax.lax.scan(upd, state, None, n)
+
+    return pbt.MemberAgent(init, run, init_opt, 1)
+
+
+TOY_SPACE = pbt.HParamSpace(("x", "lr"), (0.0, 1e-4), (1.0, 1e-1), ("linear", "log"))
+TOY_BASE = ToyHP(jnp.float32(0.5), jnp.float32(1e-3), jnp.float32(3.0))
+
+
+def toy_pbt(algo="pbt", groups=(pbt.Group("a", 8),), spaces=None, agents=None, **kw):
+    cfg = pbt.PBTConfig(algo=algo, interval=kw.pop("interval", 4), window=kw.pop("window", 4), **kw)
+    agents = agents or [toy_agent(g.spec) for g in groups]
+    spaces = spaces or [TOY_SPACE] * len(groups)
+    return pbt.make_pbt(cfg, agents, groups, spaces, TOY_BASE)
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def member(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def structure(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+# ---------------------------------------------------------------------------
+# Exploit functions
+# ---------------------------------------------------------------------------
+
+
+def test_truncation_select_bottom_copies_top():
+    fitness = jnp.array([5.0, 1.0, 7.0, 3.0, 8.0, 2.0, 6.0, 4.0])
+    bad = jnp.zeros(8, bool)
+    top = {4, 2}  # fraction 0.25 of 8 -> 2
+    seen = set()
+    for s in range(20):
+        src = np.asarray(pbt.truncation_select(jax.random.key(s), fitness, bad, 0.25))
+        assert src[1] in top and src[5] in top
+        keep = [i for i in range(8) if i not in (1, 5)]
+        assert np.all(src[keep] == keep)
+        seen |= {int(src[1]), int(src[5])}
+    assert seen == top  # the source is random among the top
+
+
+def test_truncation_copies_exact_members_before_explore():
+    # perturb_factors=(1.0,) makes explore the identity: what is left is exploit.
+    prog = toy_pbt(perturb_factors=(1.0,))
+    state = jax.jit(prog.init)(jax.random.key(0))
+    state, rets = jax.jit(prog.train)(state)
+    before = state
+    new, info = jax.jit(prog.select)(state, rets)
+    src = np.asarray(info["src"])
+    fitness = np.asarray(info["fitness"])
+    order = np.argsort(fitness)
+    bottom, top = set(order[:2]), set(order[-2:])
+    assert structure(new) == structure(before)
+    assert new.returns_buf.dtype == jnp.float32 and new.round.dtype == jnp.int32
+    for i in range(8):
+        m_new = member(new.members[0], i)
+        if i in bottom:
+            assert src[i] in top
+        else:
+            assert src[i] == i
+        m_src = member(before.members[0], src[i])
+        for f in ("params", "opt_state", "hparams"):
+            assert leaves_equal(getattr(m_new, f), getattr(m_src, f)), (i, f)
+        # env-side state (here the key) stays the member's own
+        assert leaves_equal(jax.random.key_data(m_new.key), jax.random.key_data(member(before.members[0], i).key))
+
+
+def test_perturb_and_resample_stay_in_bounds_and_change_only_replaced():
+    prog = toy_pbt(explore="resample", resample_prob=0.5)
+    state = jax.jit(prog.init)(jax.random.key(1))
+    step = jax.jit(prog.step)
+    for _ in range(5):
+        state, info = step(state)
+        h_used, h_next = np.asarray(info["hparams_used"]), np.asarray(info["hparams_next"])
+        keep = ~np.asarray(info["replaced"])
+        assert np.array_equal(h_used[keep], h_next[keep])
+        assert np.all(h_next[:, 0] >= 0) and np.all(h_next[:, 0] <= 1)
+        assert np.all(h_next[:, 1] >= 1e-4 * (1 - 1e-6)) and np.all(h_next[:, 1] <= 1e-1 * (1 + 1e-6))
+    # perturbation factors are x0.8 / x1.2 on a copied value
+    h = jnp.array([[0.5, 1e-3]])
+    out = np.asarray(pbt.perturb(jax.random.key(0), jnp.repeat(h, 64, 0), jnp.array([0.0, 1e-4]),
+                                 jnp.array([1.0, 0.1]), TOY_SPACE.codes()))
+    np.testing.assert_allclose(sorted(set(out[:, 0].tolist())), [0.4, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(sorted(set(out[:, 1].tolist())), [8e-4, 1.2e-3], rtol=1e-6)
+
+
+def test_log1m_perturbs_one_minus_gamma():
+    codes = jnp.array([2])
+    out = np.asarray(pbt.perturb(jax.random.key(3), jnp.full((32, 1), 0.99), jnp.array([0.9]),
+                                 jnp.array([0.9995]), codes))
+    np.testing.assert_allclose(sorted(set(out[:, 0].tolist())), [0.988, 0.992], atol=1e-6)
+
+
+def test_welch_pvalue_matches_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1.0, 10), rng.normal(0.0, 2.0, 7)
+    p = pbt.welch_t_pvalue(a.mean(), a.var(ddof=1), 10.0, b.mean(), b.var(ddof=1), 7.0)
+    np.testing.assert_allclose(float(p), stats.ttest_ind(a, b, equal_var=False).pvalue, rtol=1e-4)
+
+
+def test_ttest_picks_only_significantly_better():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    means = np.array([100.0, 100.3, 130.0, 99.8, 160.0, 100.1])
+    buf = means[:, None] + rng.normal(0, 3.0, (6, 10))
+    counts = jnp.full((6,), 10, jnp.int32)
+    bad = jnp.zeros(6, bool)
+    replaced_by_better = 0
+    for s in range(60):
+        src = np.asarray(pbt.ttest_select(jax.random.key(s), jnp.asarray(buf, jnp.float32), counts, bad, 0.05))
+        for i, j in enumerate(src):
+            if j != i:
+                assert buf[j].mean() > buf[i].mean()
+                assert stats.ttest_ind(buf[j], buf[i], equal_var=False).pvalue < 0.05
+                replaced_by_better += 1
+    assert replaced_by_better > 20  # significantly better members are found
+    # The best member never copies; near-equal members never copy each other.
+    src = np.stack([np.asarray(pbt.ttest_select(jax.random.key(s), jnp.asarray(buf, jnp.float32), counts, bad))
+                    for s in range(60)])
+    assert np.all(src[:, 4] == 4)
+    near = {0, 1, 3, 5}
+    for i in near:
+        assert not np.any(np.isin(src[:, i][src[:, i] != i], list(near - {i})))
+    # too few returns -> no decision
+    src = pbt.ttest_select(jax.random.key(0), jnp.asarray(buf, jnp.float32), jnp.full((6,), 1, jnp.int32), bad)
+    assert np.array_equal(np.asarray(src), np.arange(6))
+
+
+def test_tournament_copies_only_strictly_better():
+    fitness = jnp.array([1.0, 2.0, 2.0, 4.0, 0.5])
+    bad = jnp.zeros(5, bool)
+    for s in range(20):
+        src = np.asarray(pbt.tournament_select(jax.random.key(s), fitness, bad))
+        f = np.asarray(fitness)
+        for i, j in enumerate(src):
+            assert j == i or f[j] > f[i]
+        assert src[3] == 3
+
+
+@pytest.mark.parametrize("how", ["truncation", "ttest", "tournament"])
+def test_nan_member_always_replaced_never_source(how):
+    p = 8
+    fitness = jnp.arange(p, dtype=jnp.float32).at[7].set(jnp.nan)  # the "best" slot is NaN
+    bad = ~jnp.isfinite(fitness)
+    buf = jnp.broadcast_to(fitness[:, None], (p, 6)) + jnp.linspace(0, 0.1, 6)
+    for s in range(30):
+        k = jax.random.key(s)
+        if how == "truncation":
+            src = pbt.truncation_select(k, fitness, bad)
+        elif how == "ttest":
+            src = pbt.ttest_select(k, buf, jnp.full((p,), 6, jnp.int32), bad)
+        else:
+            src = pbt.tournament_select(k, fitness, bad)
+        src = np.asarray(src)
+        assert src[7] != 7
+        assert not np.any(src == 7)
+
+
+def test_nan_member_in_full_runs():
+    """A member whose params and returns go NaN is replaced by every algorithm
+    and never copied."""
+    for algo in ("pbt", "gpbt", "pb2"):
+        prog = toy_pbt(algo)
+        state = jax.jit(prog.init)(jax.random.key(2))
+        state, rets = jax.jit(prog.train)(state)
+        m = state.members[0]
+        m = m.replace(params={**m.params, "w": m.params["w"].at[3].set(jnp.nan)})
+        state = state.replace(members=(m,), returns_buf=state.returns_buf.at[3, -1].set(jnp.nan))
+        new, info = jax.jit(prog.select)(state, rets)
+        src = np.asarray(info["src"])
+        assert bool(info["bad"][3]) and src[3] != 3 and not np.any(src == 3), algo
+        assert np.all(np.isfinite(np.asarray(new.members[0].params["w"]))), algo
+
+
+# ---------------------------------------------------------------------------
+# GPBT-PL
+# ---------------------------------------------------------------------------
+
+
+def test_gpbt_pl_matches_formula():
+    p, h, w1, w2 = 6, 2, 0.7, 1.3
+    key = jax.random.key(42)
+    fitness = jnp.array([3.0, 1.0, 5.0, 2.0, 4.0, 0.0])
+    bad = jnp.zeros(p, bool)
+    u = jnp.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5], [0.95, 0.05]])
+    v = jnp.array([[0.01, -0.02], [0.03, 0.0], [-0.05, 0.05], [0.2, -0.2], [0.0, 0.0], [0.3, -0.3]])
+    src, u_new, v_new = pbt.gpbt_pl_update(key, fitness, bad, u, v, w1, w2)
+    k_pair, k_r1, k_r2, _ = jax.random.split(key, 4)
+    perm = np.asarray(jax.random.permutation(k_pair, p))
+    r1 = np.asarray(jax.random.uniform(k_r1, (p // 2, h)))
+    r2 = np.asarray(jax.random.uniform(k_r2, (p // 2, h)))
+    f, un, vn = np.asarray(fitness), np.asarray(u), np.asarray(v)
+    exp_src, exp_u, exp_v = np.arange(p), un.copy(), vn.copy()
+    for k in range(p // 2):
+        a, b = perm[2 * k], perm[2 * k + 1]
+        fast, slow = (a, b) if f[a] >= f[b] else (b, a)
+        vel = w1 * r1[k] * vn[slow] + w2 * r2[k] * (un[fast] - un[slow])
+        exp_v[slow] = vel
+        exp_u[slow] = np.clip(un[slow] + vel, 0, 1)
+        exp_src[slow] = fast
+    np.testing.assert_array_equal(np.asarray(src), exp_src)
+    np.testing.assert_allclose(np.asarray(u_new), exp_u, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(v_new), exp_v, rtol=1e-6, atol=1e-7)
+    assert np.sum(exp_src != np.arange(p)) == p // 2
+
+
+def test_gpbt_in_log_space_for_log_hparams():
+    """In the driver the rule runs on unit coordinates: for a log-scale lr the
+    new value is the slow lr moved geometrically toward the fast one."""
+    prog = toy_pbt("gpbt", gpbt_w1=0.0, gpbt_w2=1.0, spaces=[TOY_SPACE])
+    state = jax.jit(prog.init)(jax.random.key(5))
+    state, rets = jax.jit(prog.train)(state)
+    new, info = jax.jit(prog.select)(state, rets)
+    src, h0, h1 = np.asarray(info["src"]), np.asarray(info["hparams_used"]), np.asarray(info["hparams_next"])
+    for i in np.nonzero(src != np.arange(8))[0]:
+        j = src[i]
+        lo, hi = np.log(h0[i, 1]), np.log(h0[j, 1])
+        t = np.log(h1[i, 1])
+        frac = (t - lo) / (hi - lo)
+        frac_x = (h1[i, 0] - h0[i, 0]) / (h0[j, 0] - h0[i, 0])
+        assert 0 <= frac <= 1 and 0 <= frac_x <= 1
+
+
+# ---------------------------------------------------------------------------
+# PB2
+# ---------------------------------------------------------------------------
+
+
+def test_pb2_within_bounds_and_prefers_better_region():
+    rng = np.random.default_rng(0)
+    n, h = 64, 1
+    x = rng.uniform(0, 1, (n, h)).astype(np.float32)
+    y = (1.0 - 8.0 * (x[:, 0] - 0.8) ** 2 + 0.05 * rng.normal(size=n)).astype(np.float32)
+    t = np.repeat(np.arange(8), 8).astype(np.float32)
+    data = pbt.PB2Data(jnp.asarray(t), jnp.asarray(x), jnp.asarray(y), jnp.ones(n, bool))
+    replaced = jnp.array([True, False, True, False])
+    u_default = jnp.full((4, h), 0.1)
+    u = np.asarray(pbt.pb2_propose(jax.random.key(0), data, 8.0, replaced, u_default, 256, kappa=0.5))
+    assert np.all(u >= 0) and np.all(u <= 1)
+    assert abs(u[0, 0] - 0.8) < 0.1 and abs(u[2, 0] - 0.8) < 0.2
+    np.testing.assert_allclose(u[[1, 3]], 0.1)
+    # several dims, no data at all: still inside the box
+    empty = pbt.pb2_empty(16, 3)
+    u = np.asarray(pbt.pb2_propose(jax.random.key(1), empty, 0.0, jnp.ones(5, bool), jnp.zeros((5, 3))))
+    assert u.shape == (5, 3) and np.all((u >= 0) & (u <= 1))
+    # the batch spreads out (pending points shrink the variance where chosen)
+    assert len({tuple(np.round(r, 4)) for r in u}) == 5
+
+
+def test_pb2_record_shift_buffer():
+    d = pbt.pb2_empty(6, 2)
+    d = pbt.pb2_record(d, 0.0, jnp.ones((4, 2)), jnp.array([1.0, jnp.nan, 2.0, 3.0]), jnp.array([True] * 4))
+    assert np.asarray(d.valid).tolist() == [False, False, True, False, True, True]
+    d = pbt.pb2_record(d, 1.0, jnp.zeros((4, 2)), jnp.arange(4.0), jnp.array([True, True, False, True]))
+    assert np.asarray(d.t).tolist() == [0, 0, 1, 1, 1, 1]
+    assert np.asarray(d.valid).tolist() == [True, True, True, True, False, True]
+
+
+# ---------------------------------------------------------------------------
+# Whole runs on the toy problem
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo,exploit", [("pbt", "truncation"), ("pbt", "tournament"), ("gpbt", "truncation"),
+                                          ("pb2", "truncation")])
+def test_toy_run_finds_best_hparam(algo, exploit):
+    prog = toy_pbt(algo, exploit=exploit, interval=2, window=2,
+                   spaces=[pbt.HParamSpace(("x",), (0.0,), (1.0,), ("linear",))])
+    state = jax.jit(prog.init)(jax.random.key(30))
+    x0 = np.asarray(prog.hparams_matrix(state))[:, 0]
+    step = jax.jit(prog.step)
+    for _ in range(40):
+        state, info = step(state)
+    x = np.asarray(prog.hparams_matrix(state))[:, 0]
+    best = x[np.argmax(np.asarray(info["fitness"]))]
+    assert abs(np.median(x) - BEST_X) < 0.1, (x0, x)
+    assert abs(best - BEST_X) < 0.12
+    assert np.max(x0) < 0.55  # the start is far from it
+
+
+def test_fixed_keeps_hparams_and_weights_own():
+    prog = toy_pbt("fixed")
+    state = jax.jit(prog.init)(jax.random.key(11))
+    h0 = np.asarray(prog.hparams_matrix(state))
+    for _ in range(3):
+        state, info = jax.jit(prog.step)(state)
+        assert np.array_equal(np.asarray(info["src"]), np.arange(8))
+    np.testing.assert_array_equal(np.asarray(prog.hparams_matrix(state)), h0)
+    # the same seed draws the same initial population for every algo
+    h_pbt = np.asarray(toy_pbt("pbt").hparams_matrix(jax.jit(toy_pbt("pbt").init)(jax.random.key(11))))
+    np.testing.assert_array_equal(h_pbt, h0)
+
+
+def test_step_does_not_recompile():
+    prog = toy_pbt("pb2")
+    state = jax.jit(prog.init)(jax.random.key(0))
+    step = jax.jit(prog.step)
+    s1, _ = step(state)
+    s2, _ = step(s1)
+    assert step._cache_size() == 1
+    assert structure(s2) == structure(state)
+
+
+# ---------------------------------------------------------------------------
+# Mixed-optimizer groups
+# ---------------------------------------------------------------------------
+
+
+def test_mixed_groups_copy_or_reinit_optimizer_state():
+    groups = (pbt.Group("a", 3), pbt.Group("b", 2), pbt.Group("a", 1))
+    spaces = [TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0), TOY_SPACE]
+    prog = toy_pbt(groups=groups, spaces=spaces, perturb_factors=(1.0,), truncation_fraction=0.5)
+    state = jax.jit(prog.init)(jax.random.key(3))
+    state, rets = jax.jit(prog.train)(state)
+    # Make member 3 (group b) and member 5 (second "a" group) the best two,
+    # members 0, 1, 2 the worst three.
+    fit = jnp.array([0.0, 1.0, 2.0, 10.0, 3.0, 11.0])
+    state = state.replace(returns_buf=jnp.broadcast_to(fit[:, None], state.returns_buf.shape))
+    new, info = jax.jit(prog.select)(state, rets)
+    src = np.asarray(info["src"])
+    assert set(src[:3]) <= {3, 5} and np.array_equal(src[3:], [3, 4, 5])
+    assert set(src[:3]) == {3, 5} or True
+    flat_old = [member(state.members[g], i) for g, n in enumerate((3, 2, 1)) for i in range(n)]
+    flat_new = [member(new.members[g], i) for g, n in enumerate((3, 2, 1)) for i in range(n)]
+    for i in range(3):  # receivers in group "a"
+        s = src[i]
+        assert leaves_equal(flat_new[i].params, flat_old[s].params)
+        if s == 5:  # same kind: optimizer state copied
+            assert leaves_equal(flat_new[i].opt_state, flat_old[5].opt_state)
+            np.testing.assert_array_equal(flat_new[i].hparams.lr, flat_old[5].hparams.lr)
+        else:  # from kind "b": re-initialised, structure of "a" kept
+            assert set(flat_new[i].opt_state) == {"m"}
+            np.testing.assert_array_equal(flat_new[i].opt_state["m"], 0.0)
+            # lr keeps its relative (log) position between the group bounds
+            u_src = np.log(flat_old[s].hparams.lr / 1e-2) / np.log(1.0 / 1e-2)
+            u_dst = np.log(flat_new[i].hparams.lr / 1e-4) / np.log(1e-1 / 1e-4)
+            np.testing.assert_allclose(u_dst, u_src, rtol=1e-4)
+        assert flat_new[i].hparams.x == flat_old[s].hparams.x
+        assert flat_new[i].hparams.fixed == 3.0
+    # structures of every group unchanged
+    for g in range(3):
+        assert structure(new.members[g]) == structure(state.members[g])
+
+
+def test_parse_groups():
+    g = pbt.parse_groups("adam:6,kfac:2", 8)
+    assert g == (pbt.Group("adam", 6), pbt.Group("kfac", 2))
+    g = pbt.parse_groups("adam:lr=1e-3:3,kfac:lr=0.05,damping=1e-3:1", 4)
+    assert g == (pbt.Group("adam:lr=1e-3", 3), pbt.Group("kfac:lr=0.05,damping=1e-3", 1))
+    assert pbt.parse_groups("adam", 5) == (pbt.Group("adam", 5),)
+    with pytest.raises(ValueError, match="--population"):
+        pbt.parse_groups("adam:6,kfac:2", 4)
+    with pytest.raises(ValueError, match="count"):
+        pbt.parse_groups("adam:6,kfac", 8)
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="--algo"):
+        pbt.PBTConfig(algo="bogus")
+    with pytest.raises(ValueError, match="--exploit.*truncation"):
+        pbt.PBTConfig(exploit="best")
+    with pytest.raises(ValueError, match="--explore"):
+        pbt.PBTConfig(explore="x")
+    with pytest.raises(ValueError, match="interval"):
+        pbt.PBTConfig(interval=0)
+    with pytest.raises(ValueError, match="scale"):
+        pbt.HParamSpace(("lr",), (0.0,), (1.0,), ("exp",))
+    with pytest.raises(ValueError, match="not fields"):
+        toy_pbt(spaces=[pbt.HParamSpace(("nope",), (0.0,), (1.0,), ("linear",))])
+    with pytest.raises(ValueError, match="at least 2"):
+        toy_pbt(groups=(pbt.Group("a", 1),))
+
+
+def test_checkpoint_roundtrip_of_keys(tmp_path):
+    from meta import checkpoint
+
+    prog = toy_pbt("pbt")
+    state = jax.jit(prog.init)(jax.random.key(0))
+    state, _ = jax.jit(prog.step)(state)
+    checkpoint.save(str(tmp_path), 1, pbt.to_saveable(state), {"config": {"a": 1}})
+    _, raw, _ = checkpoint.restore(str(tmp_path), pbt.to_saveable(state), {"a": 1})
+    back = pbt.from_saveable(raw, state)
+    assert structure(back) == structure(state)
+    a, _ = jax.jit(prog.step)(back)
+    b, _ = jax.jit(prog.step)(state)
+    assert leaves_equal(pbt.to_saveable(a), pbt.to_saveable(b))
+
+
+# ---------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------
+
+SCRIPT = os.path.join(ROOT, "scripts", "pbt.py")
+
+
+def run_script(*args, timeout=300):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def test_script_tiny_cartpole_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--algo", "pbt", "--env", "CartPole-v1", "--population", "4", "--optimizers", "adam:4",
+              "--interval", "4", "--seed", "0", "--out", out, "--checkpoint-every", "2", "--no-time-selection"]
+    r = run_script(*common, "--timesteps", "8192")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["population"] == 4 and res["rounds"] == 4
+    assert len(res["members"]) == 4 and len(res["members"][0]["returns"]) == 4
+    assert set(res["members"][0]["hparams"]) == {"lr", "ent_coef", "clip_eps", "gamma", "gae_lambda", "vf_coef"}
+    assert all(0 <= s < 4 for m in res["members"] for s in m["lineage"])
+    assert np.isfinite(res["final_return_mean"]) and res["final_return_best"] >= res["final_return_mean"]
+    assert res["final_return_best"] > 9.0  # CartPole returns are >= ~9 even for a random policy
+    for f in ("pbt_returns.png", "pbt_hparams.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 1000
+    # resume with a longer budget: continues from round 4
+    r = run_script(*common, "--timesteps", "12288", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from round 4" in r.stdout
+    res2 = json.load(open(os.path.join(out, "results.json")))
+    assert res2["rounds"] == 6 and len(res2["members"][0]["returns"]) == 6
+    assert res2["members"][0]["returns"][:4] == res["members"][0]["returns"]
+
+
+def test_script_bad_input(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pbt_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--population", "4", "--optimizers", "adam:4", "--timesteps", "4096", "--out", str(tmp_path / "x")]
+    cases = [
+        (["--algo", "bogus"], "--algo"),
+        (["--exploit", "elite"], "--exploit"),
+        (["--explore", "jitter"], "--explore"),
+        (["--population", "8", "--optimizers", "adam:6,kfac:1"], "--population"),
+        (["--optimizers", "adamz:4"], "unknown optimizer"),
+        (["--env", "NoSuchEnv-v0"], "NoSuchEnv"),
+        (["--interval", "1000"], "--interval"),
+        (["--agent", "sac"], "--agent"),
+        (["--tune", "lr,momentum"], "momentum"),
+        (["--resume"], "--resume"),
+    ]
+    for args, msg in cases:
+        assert script.main(base + args) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("error:"), (args, err)
+    if not pbt.td3_available():
+        assert script.main(base + ["--agent", "td3", "--env", "Pendulum-v1"]) == 2
+        assert "td3" in capsys.readouterr().err
