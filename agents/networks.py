@@ -23,6 +23,38 @@ STATS_SUFFIX = "_stats"  # collection entries can't reuse the submodule's own na
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
+def orthogonal(scale: float = 1.0):
+    """``flax.linen.initializers.orthogonal(scale)`` whose QR never runs batched.
+
+    Under ``jax.vmap`` (a population, seeds) flax's initializer becomes one
+    batched LAPACK QR, which jaxlib parallelises over the batch on the same
+    thread pool that runs the XLA program. On small CPUs, and whenever several
+    (fake) devices run such programs at once (``shard_map`` over a ``"pop"``
+    mesh), every pool thread can end up waiting inside a QR for work queued
+    behind it: the program hangs with no error. Here a vmapped init maps the
+    QR over the batch one matrix at a time (``lax.map``), which gives the same
+    matrices and costs nothing that matters (it runs once, at init)."""
+    base = nn.initializers.orthogonal(scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        impl = jax.random.key_impl(key) if typed else None
+
+        @jax.custom_batching.custom_vmap
+        def one(key_data):
+            k = jax.random.wrap_key_data(key_data, impl=impl) if typed else key_data
+            return base(k, shape, dtype)
+
+        @one.def_vmap
+        def _mapped(axis_size, in_batched, key_data):
+            del axis_size, in_batched
+            return jax.lax.map(one, key_data), True
+
+        return one(jax.random.key_data(key) if typed else key)
+
+    return init
+
+
 class MLP(nn.Module):
     """Dense layers ``hidden_sizes + (out_size,)``; orthogonal init (scale
     sqrt(2) hidden, ``out_scale`` last), zero biases."""
@@ -44,7 +76,7 @@ class MLP(nn.Module):
             inputs = x
             pre = nn.Dense(
                 size,
-                kernel_init=nn.initializers.orthogonal(scale),
+                kernel_init=orthogonal(scale),
                 bias_init=nn.initializers.zeros,
                 name=f"Dense_{i}",
             )(x)

@@ -7,6 +7,10 @@ wait for the same two threads, and the program hangs with no error.  Turning
 that scheduler off avoids it.  We add the flag only when the user has not set
 it themselves, and only while the backend has not started yet (XLA reads
 ``XLA_FLAGS`` once, at backend initialisation).
+
+The agents also avoid the batched QR itself (``agents.networks.orthogonal``
+maps it over the batch), which removes the same hang on several (fake)
+devices, where this flag alone does not help.
 """
 
 from __future__ import annotations
