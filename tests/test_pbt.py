@@ -52,7 +52,7 @@ def toy_agent(opt_kind="a", noise=0.0):
     def run(state, n):
         def upd(s, _):
             key, k = jax.random.split(s.key)
-            gain = 1.0 - 4.0 * (s.hparams.x - BEST_X) ** 2
+            gain = 1.0 - 20.0 * (s.hparams.x - BEST_X) ** 2
             w = s.params["w"] + gain
             opt = jax.tree.map(lambda o: o + 1 if o.dtype == jnp.int32 else o + 0.1, s.opt_state)
             ret = w[0] + noise * jax.random.normal(k)
@@ -97,8 +97,8 @@ def test_truncation_select_bottom_copies_top():
     bad = jnp.zeros(8, bool)
     top = {4, 2}  # fraction 0.25 of 8 -> 2
     seen = set()
-    for s in range(20):
-        src = np.asarray(pbt.truncation_select(jax.random.key(s), fitness, bad, 0.25))
+    srcs = jax.jit(jax.vmap(lambda k: pbt.truncation_select(k, fitness, bad, 0.25)))(jax.random.split(jax.random.key(0), 20))
+    for src in np.asarray(srcs):
         assert src[1] in top and src[5] in top
         keep = [i for i in range(8) if i not in (1, 5)]
         assert np.all(src[keep] == keep)
@@ -176,8 +176,10 @@ def test_ttest_picks_only_significantly_better():
     counts = jnp.full((6,), 10, jnp.int32)
     bad = jnp.zeros(6, bool)
     replaced_by_better = 0
-    for s in range(60):
-        src = np.asarray(pbt.ttest_select(jax.random.key(s), jnp.asarray(buf, jnp.float32), counts, bad, 0.05))
+    select = jax.jit(jax.vmap(lambda k, c: pbt.ttest_select(k, jnp.asarray(buf, jnp.float32), c, bad, 0.05),
+                              in_axes=(0, None)))
+    srcs = np.asarray(select(jax.random.split(jax.random.key(0), 60), counts))
+    for src in srcs:
         for i, j in enumerate(src):
             if j != i:
                 assert buf[j].mean() > buf[i].mean()
@@ -185,22 +187,21 @@ def test_ttest_picks_only_significantly_better():
                 replaced_by_better += 1
     assert replaced_by_better > 20  # significantly better members are found
     # The best member never copies; near-equal members never copy each other.
-    src = np.stack([np.asarray(pbt.ttest_select(jax.random.key(s), jnp.asarray(buf, jnp.float32), counts, bad))
-                    for s in range(60)])
+    src = srcs
     assert np.all(src[:, 4] == 4)
     near = {0, 1, 3, 5}
     for i in near:
         assert not np.any(np.isin(src[:, i][src[:, i] != i], list(near - {i})))
     # too few returns -> no decision
-    src = pbt.ttest_select(jax.random.key(0), jnp.asarray(buf, jnp.float32), jnp.full((6,), 1, jnp.int32), bad)
-    assert np.array_equal(np.asarray(src), np.arange(6))
+    src = select(jax.random.split(jax.random.key(1), 4), jnp.full((6,), 1, jnp.int32))
+    assert np.array_equal(np.asarray(src), np.broadcast_to(np.arange(6), (4, 6)))
 
 
 def test_tournament_copies_only_strictly_better():
     fitness = jnp.array([1.0, 2.0, 2.0, 4.0, 0.5])
     bad = jnp.zeros(5, bool)
-    for s in range(20):
-        src = np.asarray(pbt.tournament_select(jax.random.key(s), fitness, bad))
+    srcs = jax.jit(jax.vmap(lambda k: pbt.tournament_select(k, fitness, bad)))(jax.random.split(jax.random.key(0), 20))
+    for src in np.asarray(srcs):
         f = np.asarray(fitness)
         for i, j in enumerate(src):
             assert j == i or f[j] > f[i]
@@ -213,38 +214,16 @@ def test_nan_member_always_replaced_never_source(how):
     fitness = jnp.arange(p, dtype=jnp.float32).at[7].set(jnp.nan)  # the "best" slot is NaN
     bad = ~jnp.isfinite(fitness)
     buf = jnp.broadcast_to(fitness[:, None], (p, 6)) + jnp.linspace(0, 0.1, 6)
-    for s in range(30):
-        k = jax.random.key(s)
+    def select(k):
         if how == "truncation":
-            src = pbt.truncation_select(k, fitness, bad)
-        elif how == "ttest":
-            src = pbt.ttest_select(k, buf, jnp.full((p,), 6, jnp.int32), bad)
-        else:
-            src = pbt.tournament_select(k, fitness, bad)
-        src = np.asarray(src)
+            return pbt.truncation_select(k, fitness, bad)
+        if how == "ttest":
+            return pbt.ttest_select(k, buf, jnp.full((p,), 6, jnp.int32), bad)
+        return pbt.tournament_select(k, fitness, bad)
+
+    for src in np.asarray(jax.jit(jax.vmap(select))(jax.random.split(jax.random.key(0), 30))):
         assert src[7] != 7
         assert not np.any(src == 7)
-
-
-def test_nan_member_in_full_runs():
-    """A member whose params and returns go NaN is replaced by every algorithm
-    and never copied."""
-    for algo in ("pbt", "gpbt", "pb2"):
-        prog = toy_pbt(algo)
-        state = jax.jit(prog.init)(jax.random.key(2))
-        state, rets = jax.jit(prog.train)(state)
-        m = state.members[0]
-        m = m.replace(params={**m.params, "w": m.params["w"].at[3].set(jnp.nan)})
-        state = state.replace(members=(m,), returns_buf=state.returns_buf.at[3, -1].set(jnp.nan))
-        new, info = jax.jit(prog.select)(state, rets)
-        src = np.asarray(info["src"])
-        assert bool(info["bad"][3]) and src[3] != 3 and not np.any(src == 3), algo
-        assert np.all(np.isfinite(np.asarray(new.members[0].params["w"]))), algo
-
-
-# ---------------------------------------------------------------------------
-# GPBT-PL
-# ---------------------------------------------------------------------------
 
 
 def test_gpbt_pl_matches_formula():
@@ -255,7 +234,7 @@ def test_gpbt_pl_matches_formula():
     u = jnp.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5], [0.95, 0.05]])
     v = jnp.array([[0.01, -0.02], [0.03, 0.0], [-0.05, 0.05], [0.2, -0.2], [0.0, 0.0], [0.3, -0.3]])
     src, u_new, v_new = pbt.gpbt_pl_update(key, fitness, bad, u, v, w1, w2)
-    k_pair, k_r1, k_r2, _ = jax.random.split(key, 4)
+    k_pair, k_r1, k_r2, _, _ = jax.random.split(key, 5)
     perm = np.asarray(jax.random.permutation(k_pair, p))
     r1 = np.asarray(jax.random.uniform(k_r1, (p // 2, h)))
     r2 = np.asarray(jax.random.uniform(k_r2, (p // 2, h)))
@@ -274,28 +253,6 @@ def test_gpbt_pl_matches_formula():
     assert np.sum(exp_src != np.arange(p)) == p // 2
 
 
-def test_gpbt_in_log_space_for_log_hparams():
-    """In the driver the rule runs on unit coordinates: for a log-scale lr the
-    new value is the slow lr moved geometrically toward the fast one."""
-    prog = toy_pbt("gpbt", gpbt_w1=0.0, gpbt_w2=1.0, spaces=[TOY_SPACE])
-    state = jax.jit(prog.init)(jax.random.key(5))
-    state, rets = jax.jit(prog.train)(state)
-    new, info = jax.jit(prog.select)(state, rets)
-    src, h0, h1 = np.asarray(info["src"]), np.asarray(info["hparams_used"]), np.asarray(info["hparams_next"])
-    for i in np.nonzero(src != np.arange(8))[0]:
-        j = src[i]
-        lo, hi = np.log(h0[i, 1]), np.log(h0[j, 1])
-        t = np.log(h1[i, 1])
-        frac = (t - lo) / (hi - lo)
-        frac_x = (h1[i, 0] - h0[i, 0]) / (h0[j, 0] - h0[i, 0])
-        assert 0 <= frac <= 1 and 0 <= frac_x <= 1
-
-
-# ---------------------------------------------------------------------------
-# PB2
-# ---------------------------------------------------------------------------
-
-
 def test_pb2_within_bounds_and_prefers_better_region():
     rng = np.random.default_rng(0)
     n, h = 64, 1
@@ -305,13 +262,14 @@ def test_pb2_within_bounds_and_prefers_better_region():
     data = pbt.PB2Data(jnp.asarray(t), jnp.asarray(x), jnp.asarray(y), jnp.ones(n, bool))
     replaced = jnp.array([True, False, True, False])
     u_default = jnp.full((4, h), 0.1)
-    u = np.asarray(pbt.pb2_propose(jax.random.key(0), data, 8.0, replaced, u_default, 256, kappa=0.5))
+    propose = jax.jit(pbt.pb2_propose, static_argnums=(5,))
+    u = np.asarray(propose(jax.random.key(0), data, 8.0, replaced, u_default, 256, 0.5))
     assert np.all(u >= 0) and np.all(u <= 1)
     assert abs(u[0, 0] - 0.8) < 0.1 and abs(u[2, 0] - 0.8) < 0.2
     np.testing.assert_allclose(u[[1, 3]], 0.1)
     # several dims, no data at all: still inside the box
     empty = pbt.pb2_empty(16, 3)
-    u = np.asarray(pbt.pb2_propose(jax.random.key(1), empty, 0.0, jnp.ones(5, bool), jnp.zeros((5, 3))))
+    u = np.asarray(propose(jax.random.key(1), empty, 0.0, jnp.ones(5, bool), jnp.zeros((5, 3)), 256, 1.5))
     assert u.shape == (5, 3) and np.all((u >= 0) & (u <= 1))
     # the batch spreads out (pending points shrink the variance where chosen)
     assert len({tuple(np.round(r, 4)) for r in u}) == 5
@@ -331,21 +289,46 @@ def test_pb2_record_shift_buffer():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algo,exploit", [("pbt", "truncation"), ("pbt", "tournament"), ("gpbt", "truncation"),
-                                          ("pb2", "truncation")])
+@pytest.mark.parametrize("algo,exploit", [("pbt", "truncation"), ("gpbt", "truncation"), ("pb2", "truncation")])
 def test_toy_run_finds_best_hparam(algo, exploit):
-    prog = toy_pbt(algo, exploit=exploit, interval=2, window=2,
-                   spaces=[pbt.HParamSpace(("x",), (0.0,), (1.0,), ("linear",))])
-    state = jax.jit(prog.init)(jax.random.key(30))
+    """40 rounds on the toy problem (x = 0.7 best, lr irrelevant). Also: no
+    recompilation, stable structure, a member that goes NaN halfway is
+    replaced and never copied, GPBT-PL moves a log-scale lr geometrically."""
+    prog = toy_pbt(algo, exploit=exploit, interval=2, window=2, resample_prob=0.0 if algo != "gpbt" else 0.25)
+    state = jax.jit(prog.init)(jax.random.key(122))
     x0 = np.asarray(prog.hparams_matrix(state))[:, 0]
     step = jax.jit(prog.step)
-    for _ in range(40):
+    state0 = state
+    for r in range(40):
+        if r == 20:  # member 3 diverges
+            m = state.members[0]
+            state = state.replace(members=(m.replace(params={**m.params, "w": m.params["w"].at[3].set(jnp.nan)}),))
         state, info = step(state)
+        src = np.asarray(info["src"])
+        if r == 0 and algo == "gpbt":
+            # The driver's round = gpbt_pl_update on unit coordinates with its own
+            # key; for the log-scale lr that is the rule in log space.
+            h0, h1 = np.asarray(info["hparams_used"]), np.asarray(info["hparams_next"])
+            k_sel, _ = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state0.key), 0))
+            lo, hi = np.array([0.0, np.log(1e-4)]), np.array([1.0, np.log(1e-1)])
+            u0 = (np.stack([h0[:, 0], np.log(h0[:, 1])], 1) - lo) / (hi - lo)
+            src_e, u_e, _ = pbt.gpbt_pl_update(k_sel, info["fitness"], info["bad"], jnp.asarray(u0, jnp.float32),
+                                               jnp.zeros((8, 2)), 1.0, 1.0, 0.25)
+            np.testing.assert_array_equal(src, np.asarray(src_e))
+            assert np.sum(src != np.arange(8)) == 4
+            t_e = lo + np.asarray(u_e) * (hi - lo)
+            np.testing.assert_allclose(h1[:, 0], t_e[:, 0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.log(h1[:, 1]), t_e[:, 1], rtol=1e-4, atol=1e-4)
+        if r == 20:
+            assert bool(info["bad"][3]) and src[3] != 3 and not np.any(src == 3)
+            assert np.all(np.isfinite(np.asarray(state.members[0].params["w"])))
+    assert step._cache_size() == 1  # hyperparameter changes never recompile
+    assert structure(state) == structure(state0)
     x = np.asarray(prog.hparams_matrix(state))[:, 0]
     best = x[np.argmax(np.asarray(info["fitness"]))]
-    assert abs(np.median(x) - BEST_X) < 0.1, (x0, x)
-    assert abs(best - BEST_X) < 0.12
-    assert np.max(x0) < 0.55  # the start is far from it
+    assert np.max(x0) < 0.45  # the start is far from the optimum
+    assert abs(np.median(x) - BEST_X) < 0.15, (x0, x)
+    assert abs(best - BEST_X) < 0.06, (x0, x, best)
 
 
 def test_fixed_keeps_hparams_and_weights_own():
@@ -361,16 +344,6 @@ def test_fixed_keeps_hparams_and_weights_own():
     np.testing.assert_array_equal(h_pbt, h0)
 
 
-def test_step_does_not_recompile():
-    prog = toy_pbt("pb2")
-    state = jax.jit(prog.init)(jax.random.key(0))
-    step = jax.jit(prog.step)
-    s1, _ = step(state)
-    s2, _ = step(s1)
-    assert step._cache_size() == 1
-    assert structure(s2) == structure(state)
-
-
 # ---------------------------------------------------------------------------
 # Mixed-optimizer groups
 # ---------------------------------------------------------------------------
@@ -379,37 +352,48 @@ def test_step_does_not_recompile():
 def test_mixed_groups_copy_or_reinit_optimizer_state():
     groups = (pbt.Group("a", 3), pbt.Group("b", 2), pbt.Group("a", 1))
     spaces = [TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0), TOY_SPACE]
-    prog = toy_pbt(groups=groups, spaces=spaces, perturb_factors=(1.0,), truncation_fraction=0.5)
-    state = jax.jit(prog.init)(jax.random.key(3))
-    state, rets = jax.jit(prog.train)(state)
-    # Make member 3 (group b) and member 5 (second "a" group) the best two,
-    # members 0, 1, 2 the worst three.
+    prog = toy_pbt(groups=groups, spaces=spaces, perturb_factors=(1.0,), truncation_fraction=0.34)
+    state = prog.init(jax.random.key(3))
+    # make the members' weights and optimizer states differ
+    state = state.replace(members=tuple(
+        m.replace(params=jax.tree.map(lambda x: x + jnp.arange(x.shape[0], dtype=x.dtype).reshape(
+            (-1,) + (1,) * (x.ndim - 1)) + 10 * g, m.params),
+                  opt_state=jax.tree.map(lambda x: x + 1 + g, m.opt_state))
+        for g, m in enumerate(state.members)))
+    # member 3 (group b) and member 5 (the second "a" group) are the best two,
+    # members 0 and 1 (group a) the worst two.
     fit = jnp.array([0.0, 1.0, 2.0, 10.0, 3.0, 11.0])
-    state = state.replace(returns_buf=jnp.broadcast_to(fit[:, None], state.returns_buf.shape))
-    new, info = jax.jit(prog.select)(state, rets)
-    src = np.asarray(info["src"])
-    assert set(src[:3]) <= {3, 5} and np.array_equal(src[3:], [3, 4, 5])
-    assert set(src[:3]) == {3, 5} or True
+    rets = jnp.broadcast_to(fit[:, None], state.returns_buf.shape)
+    state = state.replace(returns_buf=rets, returns_count=jnp.full((6,), 4, jnp.int32))
     flat_old = [member(state.members[g], i) for g, n in enumerate((3, 2, 1)) for i in range(n)]
-    flat_new = [member(new.members[g], i) for g, n in enumerate((3, 2, 1)) for i in range(n)]
-    for i in range(3):  # receivers in group "a"
-        s = src[i]
-        assert leaves_equal(flat_new[i].params, flat_old[s].params)
-        if s == 5:  # same kind: optimizer state copied
-            assert leaves_equal(flat_new[i].opt_state, flat_old[5].opt_state)
-            np.testing.assert_array_equal(flat_new[i].hparams.lr, flat_old[5].hparams.lr)
-        else:  # from kind "b": re-initialised, structure of "a" kept
-            assert set(flat_new[i].opt_state) == {"m"}
-            np.testing.assert_array_equal(flat_new[i].opt_state["m"], 0.0)
-            # lr keeps its relative (log) position between the group bounds
-            u_src = np.log(flat_old[s].hparams.lr / 1e-2) / np.log(1.0 / 1e-2)
-            u_dst = np.log(flat_new[i].hparams.lr / 1e-4) / np.log(1e-1 / 1e-4)
-            np.testing.assert_allclose(u_dst, u_src, rtol=1e-4)
-        assert flat_new[i].hparams.x == flat_old[s].hparams.x
-        assert flat_new[i].hparams.fixed == 3.0
-    # structures of every group unchanged
-    for g in range(3):
-        assert structure(new.members[g]) == structure(state.members[g])
+    select = jax.jit(prog.select)
+    kinds_seen = set()
+    for seed in range(8):
+        new, info = select(state.replace(key=jax.random.key_data(jax.random.key(seed))), rets)
+        src = np.asarray(info["src"])
+        assert set(src[:2]) <= {3, 5} and np.array_equal(src[2:], [2, 3, 4, 5])
+        flat_new = [member(new.members[g], i) for g, n in enumerate((3, 2, 1)) for i in range(n)]
+        for i in range(2):  # receivers in group "a"
+            s = src[i]
+            assert leaves_equal(flat_new[i].params, flat_old[s].params)
+            if s == 5:  # same kind: optimizer state copied
+                assert leaves_equal(flat_new[i].opt_state, flat_old[5].opt_state)
+                np.testing.assert_array_equal(flat_new[i].hparams.lr, flat_old[5].hparams.lr)
+            else:  # from kind "b": re-initialised with the structure of "a"
+                assert set(flat_new[i].opt_state) == {"m"}
+                np.testing.assert_array_equal(flat_new[i].opt_state["m"], 0.0)
+                # lr keeps its relative (log) position between the group bounds
+                u_src = np.log(flat_old[s].hparams.lr / 1e-2) / np.log(1.0 / 1e-2)
+                u_dst = np.log(flat_new[i].hparams.lr / 1e-4) / np.log(1e-1 / 1e-4)
+                np.testing.assert_allclose(u_dst, u_src, rtol=1e-4)
+            kinds_seen.add(int(s))
+            assert flat_new[i].hparams.x == flat_old[s].hparams.x
+            assert flat_new[i].hparams.fixed == 3.0
+        for i in range(2, 6):
+            assert leaves_equal(flat_new[i].opt_state, flat_old[i].opt_state)
+        for g in range(3):
+            assert structure(new.members[g]) == structure(state.members[g])
+    assert kinds_seen == {3, 5}
 
 
 def test_parse_groups():
@@ -445,14 +429,14 @@ def test_checkpoint_roundtrip_of_keys(tmp_path):
     from meta import checkpoint
 
     prog = toy_pbt("pbt")
-    state = jax.jit(prog.init)(jax.random.key(0))
-    state, _ = jax.jit(prog.step)(state)
+    step = jax.jit(prog.step)
+    state, _ = step(prog.init(jax.random.key(0)))
     checkpoint.save(str(tmp_path), 1, pbt.to_saveable(state), {"config": {"a": 1}})
     _, raw, _ = checkpoint.restore(str(tmp_path), pbt.to_saveable(state), {"a": 1})
     back = pbt.from_saveable(raw, state)
     assert structure(back) == structure(state)
-    a, _ = jax.jit(prog.step)(back)
-    b, _ = jax.jit(prog.step)(state)
+    a, _ = step(back)
+    b, _ = step(state)
     assert leaves_equal(pbt.to_saveable(a), pbt.to_saveable(b))
 
 
@@ -469,36 +453,60 @@ def run_script(*args, timeout=300):
                           env=env, cwd=ROOT)
 
 
-def test_script_tiny_cartpole_and_resume(tmp_path):
-    out = str(tmp_path / "run")
-    common = ["--algo", "pbt", "--env", "CartPole-v1", "--population", "4", "--optimizers", "adam:4",
-              "--interval", "4", "--seed", "0", "--out", out, "--checkpoint-every", "2", "--no-time-selection"]
-    r = run_script(*common, "--timesteps", "8192")
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert res["population"] == 4 and res["rounds"] == 4
-    assert len(res["members"]) == 4 and len(res["members"][0]["returns"]) == 4
-    assert set(res["members"][0]["hparams"]) == {"lr", "ent_coef", "clip_eps", "gamma", "gae_lambda", "vf_coef"}
-    assert all(0 <= s < 4 for m in res["members"] for s in m["lineage"])
-    assert np.isfinite(res["final_return_mean"]) and res["final_return_best"] >= res["final_return_mean"]
-    assert res["final_return_best"] > 9.0  # CartPole returns are >= ~9 even for a random policy
-    for f in ("pbt_returns.png", "pbt_hparams.png"):
-        assert os.path.getsize(os.path.join(out, f)) > 1000
-    # resume with a longer budget: continues from round 4
-    r = run_script(*common, "--timesteps", "12288", "--resume")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from round 4" in r.stdout
-    res2 = json.load(open(os.path.join(out, "results.json")))
-    assert res2["rounds"] == 6 and len(res2["members"][0]["returns"]) == 6
-    assert res2["members"][0]["returns"][:4] == res["members"][0]["returns"]
-
-
-def test_script_bad_input(tmp_path, capsys):
+def load_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pbt_script", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+COMMON = ["--algo", "pbt", "--env", "CartPole-v1", "--population", "4", "--optimizers", "adam:4",
+          "--interval", "4", "--seed", "0", "--checkpoint-every", "3"]
+
+
+def check_results(out, rounds):
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["population"] == 4 and res["rounds"] == rounds
+    assert len(res["members"]) == 4 and len(res["members"][0]["returns"]) == rounds
+    assert set(res["members"][0]["hparams"]) == {"lr", "ent_coef", "clip_eps", "gamma", "gae_lambda", "vf_coef"}
+    assert all(0 <= s < 4 for m in res["members"] for s in m["lineage"])
+    assert any(s != m["member"] for m in res["members"] for s in m["lineage"])  # some copying happened
+    assert np.isfinite(res["final_return_mean"]) and res["final_return_best"] >= res["final_return_mean"]
+    assert res["final_return_best"] > 9.0  # CartPole returns are >= ~9 even for a random policy
+    for f in ("pbt_returns.png", "pbt_hparams.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 1000
+    return res
+
+
+def test_script_tiny_cartpole(tmp_path):
+    out = str(tmp_path / "run")
+    assert load_script().main(COMMON + ["--timesteps", "2e4", "--out", out]) == 0
+    res = check_results(out, 9)  # 2e4 // 512 = 39 updates -> 9 rounds of 4
+    assert 0 <= res["selection_share"] < 0.5
+    from meta.checkpoint import latest_step
+
+    assert latest_step(os.path.join(out, "checkpoints")) == 9
+
+
+@pytest.mark.slow
+def test_script_resume(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_script(*COMMON, "--timesteps", "8192", "--out", out, "--no-time-selection")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = check_results(out, 4)
+    r = run_script(*COMMON, "--timesteps", "12288", "--out", out, "--no-time-selection", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from round 4" in r.stdout
+    res2 = check_results(out, 6)
+    assert res2["members"][0]["returns"][:4] == res["members"][0]["returns"]
+    r = run_script(*COMMON, "--timesteps", "12288", "--out", out, "--algo", "gpbt", "--resume")
+    assert r.returncode == 2 and "different config" in r.stderr
+
+
+def test_script_bad_input(tmp_path, capsys):
+    script = load_script()
     base = ["--population", "4", "--optimizers", "adam:4", "--timesteps", "4096", "--out", str(tmp_path / "x")]
     cases = [
         (["--algo", "bogus"], "--algo"),
