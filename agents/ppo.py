@@ -36,7 +36,7 @@ from flax import struct
 from agents import losses, networks
 from envs.spaces import Box, Discrete
 from envs.wrappers import NormalizeObservation, VecEnv
-from learned_optim.context import LayerStats, get_hyperparam, required_stats, set_hyperparam
+from learned_optim.context import LayerStats, any_member, get_hyperparam, required_stats, set_hyperparam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +165,7 @@ class Agent(NamedTuple):
     tx: optax.GradientTransformationExtraArgs
     stats_needed: frozenset
     uses_lr: bool  # False: the optimizer has no injected learning rate, hparams.lr is unused
+    rollout: Optional[Callable[[PPOState], Tuple[PPOState, Dict[str, jax.Array]]]] = None
 
 
 def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformation) -> Agent:
@@ -239,6 +240,10 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
     # Rollout -----------------------------------------------------------------
 
     def rollout(state: PPOState):
+        """``num_steps`` env steps of every env; returns the new state and the
+        trajectory ``[num_steps, num_envs, ...]``. Time limits are bootstrapped:
+        where an episode was truncated, ``gamma * V(final obs)`` is folded into
+        the reward (``bootstrap_value`` holds ``V(final obs)``, 0 elsewhere)."""
         gamma = state.hparams.gamma
 
         def env_step(carry, _):
@@ -252,10 +257,18 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
             next_obs, env_state, reward, terminated, truncated, info = vec_env.step(
                 k_env, env_state, action, env_params
             )
-            done = jnp.logical_or(terminated, truncated)
+            # The critic sees a final observation only at steps where some env (of
+            # any member) hit its time limit: a real branch, not a select.
+            boot = jax.lax.cond(
+                any_member(jnp.any(truncated)),
+                lambda o: jnp.where(truncated, value_fn(state.params["critic"], o), 0.0),
+                lambda o: jnp.zeros(truncated.shape, jnp.float32),
+                info["final_obs"],
+            )
             transition = dict(
-                obs=obs, action=action, log_prob=logp, value=value, reward=reward, done=done,
-                truncated=truncated, final_obs=info["final_obs"],
+                obs=obs, action=action, log_prob=logp, value=value,
+                reward=reward + gamma * boot, bootstrap_value=boot,
+                done=jnp.logical_or(terminated, truncated),
                 episode_return=info["returned_episode_return"],
                 episode_done=info["returned_episode"],
             )
@@ -264,13 +277,6 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
         (env_state, obs, key), traj = jax.lax.scan(
             env_step, (state.env_state, state.obs, state.key), None, config.num_steps
         )
-        # Bootstrap through time limits: fold gamma * V(final obs) into the reward.
-        # One batched critic pass over the whole rollout (cheaper than one per step).
-        final_obs = traj.pop("final_obs")
-        final_value = value_fn(
-            state.params["critic"], final_obs.reshape((-1,) + final_obs.shape[2:])
-        ).reshape(traj["reward"].shape)
-        traj["reward"] = traj["reward"] + gamma * final_value * traj.pop("truncated").astype(jnp.float32)
         return state.replace(env_state=env_state, obs=obs, key=key), traj
 
     # Statistics for optimizers that ask (LayerStats) ---------------------------
@@ -409,7 +415,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
         """Whole training from scratch: ``config.num_updates`` iterations."""
         return run(init(key, hparams), config.num_updates)
 
-    return Agent(config, init, update, run, train, full_tx, stats_needed, injected_lr is not None)
+    return Agent(config, init, update, run, train, full_tx, stats_needed, injected_lr is not None, rollout)
 
 
 def final_return(metrics: Dict[str, Any], fraction: float = 0.1):

@@ -107,3 +107,21 @@ def set_hyperparam(opt_state: Any, name: str, value: jax.Array) -> Any:
 def neutral_key(count: jax.Array) -> jax.Array:
     """Key used when the caller passes none: deterministic in the step count."""
     return jax.random.fold_in(jax.random.key(0), jnp.asarray(count, jnp.uint32))
+
+
+@jax.custom_batching.custom_vmap
+def any_member(pred: jax.Array) -> jax.Array:
+    """``pred`` itself; under ``jax.vmap``, whether it holds for *any* member,
+    unbatched. A ``lax.cond`` on a batched predicate runs both branches for
+    everyone (it becomes a ``select``); on this one it stays a real branch, so
+    a vmapped population pays for rare work (K-FAC's eigendecompositions, PPO's
+    values of time-limit observations) only at steps where some member needs
+    it. The branch then selects per member, so each keeps its own schedule."""
+    return pred
+
+
+@any_member.def_vmap
+def _any_member_rule(axis_size, in_batched, pred):
+    del axis_size
+    return any_member(jnp.any(pred) if in_batched[0] else pred), False
+

@@ -101,9 +101,9 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from jax.custom_batching import custom_vmap
 
 from learned_optim import curvature as cv
+from learned_optim.context import any_member
 
 DAMPING_MODES = ("exact", "factored")
 _WHO = "scale_by_kfac"
@@ -203,23 +203,6 @@ def _refresh(layers):
         ))
         failed.append(~ok)
     return out, cv.count(failed)
-
-
-@custom_vmap
-def any_member(pred: jax.Array) -> jax.Array:
-    """``pred`` itself; under ``jax.vmap``, whether it holds for *any* member,
-    unbatched. A ``lax.cond`` on a batched predicate runs both branches for
-    everyone (it becomes a ``select``); on this one it stays a real branch, so
-    a vmapped population pays for eigendecompositions only at steps where some
-    member is due (every ``inverse_update_period`` steps when counts agree).
-    The branch then selects per member, so each keeps its own schedule."""
-    return pred
-
-
-@any_member.def_vmap
-def _any_member_rule(axis_size, in_batched, pred):
-    del axis_size
-    return any_member(jnp.any(pred) if in_batched[0] else pred), False
 
 
 def _denominator(ls: KFACLayerState, damping: jax.Array, mode: str) -> jax.Array:

@@ -97,6 +97,30 @@ def test_layer_stats_and_context_reach_optimizers_that_ask():
     assert float(rec.seen["g0"]) > 0
 
 
+def test_time_limits_are_bootstrapped_only_where_truncated():
+    """Pendulum always ends by its 200-step time limit: V(final obs) is folded
+    into the reward exactly at those steps, the same with and without vmap
+    (the branch is a real ``cond`` on ``any_member``)."""
+    env, env_params = envs.make("Pendulum-v1")
+    cfg = PPOConfig(num_envs=2, num_steps=256, total_timesteps=512, num_minibatches=2)
+    agent = make_ppo(cfg, env, env_params, learned_optim.from_spec("adam"))
+    hp = PPOHParams.default(gamma=0.9)
+    state = agent.init(jax.random.key(0), hp)
+    _, traj = jax.jit(agent.rollout)(state)
+    boot, trunc = np.asarray(traj["bootstrap_value"]), np.zeros((256, 2), bool)
+    trunc[199] = True
+    assert np.all(boot[~trunc] == 0.0)
+    assert np.all(np.abs(boot[trunc]) > 0.0)
+    raw = np.asarray(traj["reward"]) - 0.9 * boot
+    assert raw.min() >= -16.3 and raw.max() <= 0.0  # Pendulum's own reward range
+    assert np.asarray(traj["done"])[199].all()
+    # A population of two: member 1 is the same agent, so its trajectory matches.
+    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), agent.init(jax.random.key(1), hp), state)
+    _, traj2 = jax.jit(jax.vmap(agent.rollout))(pair)
+    np.testing.assert_allclose(traj2["bootstrap_value"][1], boot, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(traj2["reward"][1], traj["reward"], rtol=1e-5, atol=1e-6)
+
+
 def test_hparams_differ_per_member_under_vmap():
     """lr=0 must leave the policy untouched while lr>0 changes it, in one vmapped call."""
     env, p = envs.make("CartPole-v1")
