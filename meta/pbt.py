@@ -906,10 +906,37 @@ def _td3_agents(env, env_params, groups, timesteps, **overrides):
     for g in groups:
         agent = td3.make_td3(cfg, env, env_params, learned_optim.from_spec(g.spec))
         init_opt = getattr(agent, "init_opt", None) or agent.tx.init
-        extra = tuple(getattr(agent, "pbt_copy_fields", ("target_params",)))
+        # Target networks travel with the weights; the replay buffer and env
+        # state stay the member's own.
+        shape = jax.eval_shape(agent.init, jax.random.key(0), base)
+        init_opt = _matching_init_opt(init_opt, agent, shape)
+        extra = tuple(getattr(agent, "pbt_copy_fields", None) or
+                      (f for f in ("target_params", "targets", "target") if hasattr(shape, f)))
         agents.append(MemberAgent(agent.init, agent.run, init_opt, steps_per_update,
                                   ("params", "opt_state", "hparams") + extra))
     return agents, base, space, steps_per_update, num_updates
+
+
+def _matching_init_opt(init_opt, agent, shape):
+    """An ``init_opt(params)`` whose output has the structure of ``shape.opt_state``:
+    the agent's own, or one ``tx.init`` per part of the params (separate actor
+    and critic optimizers)."""
+    want = jax.tree.structure(shape.opt_state)
+    try:
+        if jax.tree.structure(jax.eval_shape(init_opt, shape.params)) == want:
+            return init_opt
+    except Exception:  # noqa: BLE001 - try the per-part layout next
+        pass
+    if isinstance(shape.opt_state, dict) and set(shape.opt_state) <= set(shape.params):
+        parts = tuple(shape.opt_state)
+
+        def per_part(params):
+            return {k: agent.tx.init(params[k]) for k in parts}
+
+        if jax.tree.structure(jax.eval_shape(per_part, shape.params)) == want:
+            return per_part
+    raise ValueError("TD3 agent: cannot rebuild its optimizer state from params; give the agent an "
+                     "init_opt(params) -> opt_state")
 
 
 # ---------------------------------------------------------------------------

@@ -527,3 +527,19 @@ def test_script_bad_input(tmp_path, capsys):
     if not pbt.td3_available():
         assert script.main(base + ["--agent", "td3", "--env", "Pendulum-v1"]) == 2
         assert "td3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mixed_adam_kfac_ppo_population(tmp_path):
+    """adam:2,kfac:2 PPO population on CartPole: runs, copies across kinds, stays finite."""
+    res = pbt.run_pbt("ppo", "CartPole-v1", "adam:2,kfac:2", algo="pbt", population=4, interval=4,
+                      timesteps=2e4, seed=0, out=str(tmp_path), log=None, time_selection=False,
+                      pbt_overrides=dict(truncation_fraction=0.5))
+    assert res["diverged_members"] == 0 and res["final_return_best"] > 30
+    kinds = [m["optimizer"] for m in res["members"]]
+    assert kinds == ["adam", "adam", "kfac", "kfac"]
+    cross = [(i, s) for m in res["members"] for i, s in [(m["member"], x) for x in m["lineage"]]
+             if kinds[s] != kinds[i]]
+    assert cross  # some member copied weights from the other optimizer kind
+    lr = {k: [v for m in res["members"] if m["optimizer"] == k for v in m["hparams"]["lr"]] for k in ("adam", "kfac")}
+    assert max(lr["adam"]) <= 1e-2 * 1.0001 and min(lr["kfac"]) >= 1e-3 * 0.9999  # per-kind lr bounds
