@@ -55,6 +55,10 @@ class PPOConfig:
     normalize_obs: bool = False
     normalize_advantages: bool = True
     clip_value: bool = True
+    # Rows of each minibatch used for curvature statistics (layer inputs and
+    # Fisher pre-activation gradients, K-FAC / diagonal GGN); 0 = all rows.
+    # Minibatches are random permutations, so the first rows are a random subset.
+    curvature_batch_size: int = 256
 
     def __post_init__(self):
         for name in ("num_envs", "num_steps", "update_epochs", "num_minibatches"):
@@ -72,6 +76,11 @@ class PPOConfig:
             raise ValueError(
                 f"PPOConfig: batch num_envs * num_steps = {self.batch_size} does not divide into "
                 f"num_minibatches={self.num_minibatches}; choose a divisor of {self.batch_size}"
+            )
+        if not isinstance(self.curvature_batch_size, int) or self.curvature_batch_size < 0:
+            raise ValueError(
+                f"PPOConfig.curvature_batch_size must be an integer >= 0 (0 = whole minibatch), "
+                f"got {self.curvature_batch_size!r}"
             )
         if self.activation not in networks.ACTIVATIONS:
             raise ValueError(
@@ -282,19 +291,25 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
     # Statistics for optimizers that ask (LayerStats) ---------------------------
 
     def layer_stats(params, obs, key):
+        """Per-layer ``LayerStats`` of what the optimizer asked for: post-activation
+        ``outputs`` (dormancy) over the whole minibatch; ``inputs`` and
+        ``preact_grads`` (curvature) over its first ``curvature_batch_size`` rows."""
+        rows = config.curvature_batch_size
+        curv_rows = rows if 0 < rows < obs.shape[0] else obs.shape[0]
         stats = {}
         want_io = bool(stats_needed & {"inputs", "outputs"})
         sown = {}
         if want_io:
-            _, a_vars = actor.apply({"params": params["actor"]}, flat(obs), mutable=["intermediates"])
-            _, c_vars = critic.apply({"params": params["critic"]}, flat(obs), mutable=["intermediates"])
+            io_obs = obs if "outputs" in stats_needed else obs[:curv_rows]
+            _, a_vars = actor.apply({"params": params["actor"]}, flat(io_obs), mutable=["intermediates"])
+            _, c_vars = critic.apply({"params": params["critic"]}, flat(io_obs), mutable=["intermediates"])
             sown = {
                 "actor": networks.by_layer(a_vars["intermediates"], sown=True),
                 "critic": networks.by_layer(c_vars["intermediates"], sown=True),
             }
         grads = {}
         if "preact_grads" in stats_needed:
-            grads = fisher_preact_grads(params, obs, key)
+            grads = fisher_preact_grads(params, obs[:curv_rows], key)
         for part in ("actor", "critic"):
             stats[part] = {}
             for layer in params[part]:
@@ -302,7 +317,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
                     continue
                 inputs, outputs = sown.get(part, {}).get(layer, (None, None))
                 stats[part][layer] = LayerStats(
-                    inputs=inputs if "inputs" in stats_needed else None,
+                    inputs=inputs[:curv_rows] if "inputs" in stats_needed else None,
                     outputs=outputs if "outputs" in stats_needed else None,
                     preact_grads=grads.get(part, {}).get(layer),
                 )

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -66,7 +67,8 @@ class _Recorder(NamedTuple):
 def _recording_optimizer():
     def init(params):
         return _Recorder(jnp.zeros((), jnp.int32), {"tf": jnp.zeros(()), "bf": jnp.zeros(()), "in0": jnp.zeros(()),
-                                                     "out_last": jnp.zeros(()), "g0": jnp.zeros(())})
+                                                     "out_last": jnp.zeros(()), "g0": jnp.zeros(()),
+                                                     "out_rows": jnp.zeros(()), "g_rows": jnp.zeros(())})
 
     def update(updates, state, params=None, *, layer_stats, train_fraction, batch_fraction, key, **_):
         a0 = layer_stats["actor"]["Dense_0"]
@@ -74,6 +76,8 @@ def _recording_optimizer():
             "tf": jnp.asarray(train_fraction, jnp.float32), "bf": jnp.asarray(batch_fraction, jnp.float32),
             "in0": jnp.asarray(a0.inputs.shape[0] * 1000 + a0.inputs.shape[1], jnp.float32),
             "out_last": jnp.asarray(layer_stats["critic"]["Dense_2"].outputs.shape[1], jnp.float32),
+            "out_rows": jnp.asarray(layer_stats["critic"]["Dense_2"].outputs.shape[0], jnp.float32),
+            "g_rows": jnp.asarray(a0.preact_grads.shape[0], jnp.float32),
             "g0": jnp.abs(a0.preact_grads).sum(),
         }
         return jax.tree.map(lambda g: -1e-3 * g, updates), _Recorder(state.count + 1, seen)
@@ -95,6 +99,15 @@ def test_layer_stats_and_context_reach_optimizers_that_ask():
     assert int(rec.seen["in0"]) == TINY.minibatch_size * 1000 + 4  # [B, obs_dim]
     assert int(rec.seen["out_last"]) == 1  # critic output layer
     assert float(rec.seen["g0"]) > 0
+    # Curvature statistics on the first rows only; dormancy outputs on all rows.
+    sub = dataclasses.replace(TINY, curvature_batch_size=8)
+    s = make_ppo(sub, env, p, _recording_optimizer()).init(jax.random.key(0), PPOHParams.default())
+    s, _ = jax.jit(make_ppo(sub, env, p, _recording_optimizer()).update)(s)
+    rec = s.opt_state[1]
+    assert int(rec.seen["in0"]) == 8 * 1000 + 4 and int(rec.seen["g_rows"]) == 8
+    assert int(rec.seen["out_rows"]) == TINY.minibatch_size
+    with pytest.raises(ValueError, match="curvature_batch_size"):
+        dataclasses.replace(TINY, curvature_batch_size=-1)
 
 
 def test_time_limits_are_bootstrapped_only_where_truncated():
