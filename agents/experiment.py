@@ -35,13 +35,21 @@ def resolve_config(env_name: str, preset: Optional[str] = None, **overrides):
     return dataclasses.replace(config, **cfg_over), {**hp, **hp_over}
 
 
+# The env presets' learning rates were tuned for Adam.
+PRESET_LR_OPTIMIZERS = ("adam", "adamw")
+
+
 def hparams_for_spec(hparams: Dict[str, float], optimizer_spec: str, lr: Optional[float] = None):
     """Learning rate precedence: an explicit ``lr`` (e.g. ``--lr``) > the spec's
-    own ``lr=`` > the preset's default."""
-    from learned_optim.spec import explicit_learning_rate
+    own ``lr=`` > the preset's default for Adam-family specs (the presets were
+    tuned for Adam) > the optimizer's own default (``kfac`` 0.05, ``sgd``
+    0.01, ...). Optimizers without a learning rate (OPEN) leave it unused."""
+    from learned_optim.spec import default_learning_rate, explicit_learning_rate, split_spec
 
     spec_lr = explicit_learning_rate(optimizer_spec)
     chosen = lr if lr is not None else spec_lr
+    if chosen is None and split_spec(optimizer_spec)[0] not in PRESET_LR_OPTIMIZERS:
+        chosen = default_learning_rate(optimizer_spec)
     return {**hparams, "lr": chosen} if chosen is not None else dict(hparams)
 
 

@@ -149,3 +149,17 @@ def check_spec(spec: str) -> None:
 # Second-order optimizers (imported on first use).
 register("kfac", "learned_optim.kfac:from_spec_arg")          # see learned_optim.kfac
 register("diag_ggn", "learned_optim.diag_ggn:from_spec_arg")  # see learned_optim.diag_ggn
+
+
+def default_learning_rate(spec: str):
+    """The learning rate ``spec`` builds with when none is given (its injected
+    ``learning_rate``, e.g. 0.05 for ``kfac``), or None for optimizers without
+    one (OPEN, learned rules)."""
+    import jax.numpy as jnp
+
+    from learned_optim.context import get_hyperparam
+
+    tx = from_spec(spec)
+    value = get_hyperparam(tx.init({"w": jnp.zeros((2, 2), jnp.float32)}), "learning_rate")
+    return None if value is None else float(value)
+

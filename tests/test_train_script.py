@@ -61,3 +61,8 @@ def test_learning_rate_precedence():
     assert hparams_for_spec(preset, "adam:lr=0.0123")["lr"] == 0.0123
     assert hparams_for_spec(preset, "adam:lr=0.0123", lr=0.5)["lr"] == 0.5
     assert hparams_for_spec(preset, "adam:lr=0.0123")["gamma"] == 0.99
+    # Presets are Adam's: other optimizers keep their own default learning rate.
+    assert hparams_for_spec(preset, "kfac:period=10")["lr"] == pytest.approx(0.05)
+    assert hparams_for_spec(preset, "sgd")["lr"] == pytest.approx(0.01)
+    assert hparams_for_spec(preset, "adamw")["lr"] == 2.5e-4
+    assert hparams_for_spec(preset, "open")["lr"] == 2.5e-4  # no injected lr: unused
