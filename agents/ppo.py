@@ -195,8 +195,12 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
     critic = networks.MLP(config.hidden_sizes, 1, config.activation, out_scale=1.0)
     full_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
 
+    # Binary observations (MinAtar) are stored as bool in the rollout buffer: 4x
+    # less memory traffic when minibatches are shuffled; networks see float32.
+    store_dtype = jnp.bool_ if getattr(env, "binary_observations", False) else None
+
     def flat(obs):
-        return obs.reshape((obs.shape[0], -1))
+        return obs.reshape((obs.shape[0], -1)).astype(jnp.float32)
 
     def policy(actor_params, obs):
         return actor.apply({"params": actor_params}, flat(obs))
@@ -275,7 +279,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
                 info["final_obs"],
             )
             transition = dict(
-                obs=obs, action=action, log_prob=logp, value=value,
+                obs=obs if store_dtype is None else obs.astype(store_dtype), action=action, log_prob=logp, value=value,
                 reward=reward + gamma * boot, bootstrap_value=boot,
                 done=jnp.logical_or(terminated, truncated),
                 episode_return=info["returned_episode_return"],

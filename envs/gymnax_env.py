@@ -50,6 +50,9 @@ class GymnaxEnv(Env):
                 f"unknown override(s) {unknown} for env {name!r}; allowed: {sorted(fields)}"
             )
         self._params = params.replace(**params_overrides) if params_overrides else params
+        # MinAtar observations are 0/1 channel maps (returned as float32 like every
+        # env's); agents may store them compactly (PPO's rollout buffer keeps bool).
+        self.binary_observations = name.endswith("-MinAtar")
 
     @property
     def default_params(self):
