@@ -191,8 +191,10 @@ def test_save_load_round_trip_gives_identical_updates(tmp_path, kind):
         np.testing.assert_array_equal(a, b)
     tx3 = learned_optim.from_spec(f"lopt:{path}")
     u3, _ = jax.jit(tx3.update)(grads_of(p), tx3.init(p), p, **extra_of(p, jax.random.key(5)))
+    # A different program (meta-parameters baked in as constants): XLA may fuse
+    # differently, so compare to float32 rounding of the update's scale.
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u3)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))) + 1e-12)
 
 
 @pytest.fixture
