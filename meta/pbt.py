@@ -958,6 +958,49 @@ def from_saveable(raw, template):
 
 
 # ---------------------------------------------------------------------------
+# Sharding the population over devices
+# ---------------------------------------------------------------------------
+
+
+def population_mesh(groups: Sequence[Group]):
+    """A ``Mesh`` with a ``"pop"`` axis over all devices when every group's
+    size divides over them; None on one device or when they do not divide."""
+    from jax.sharding import Mesh
+
+    n = jax.device_count()
+    if n < 2 or any(g.size % n for g in groups):
+        return None
+    return Mesh(np.array(jax.devices()), ("pop",))
+
+
+def population_shardings(state: PBTState, mesh):
+    """Shardings for ``state``: every member axis split over ``"pop"`` (each
+    device trains its slice of every group), PB2 data, key and round counter
+    replicated. Selection gathers across devices; XLA inserts the
+    collectives."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    pop, rep = NamedSharding(mesh, PartitionSpec("pop")), NamedSharding(mesh, PartitionSpec())
+    return state.replace(
+        members=tuple(jax.tree.map(lambda _: pop, m) for m in state.members),
+        returns_buf=pop, returns_count=pop, prev_fitness=pop, velocity=pop,
+        pb2=jax.tree.map(lambda _: rep, state.pb2), key=rep, round=rep,
+    )
+
+
+def jit_step(program: "PBT", shardings=None):
+    """``jax.jit(program.step)``; with ``shardings`` (from
+    ``population_shardings``) the state keeps its placement from round to
+    round, so the step compiles once."""
+    if shardings is None:
+        return jax.jit(program.step)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    rep = NamedSharding(shardings.key.mesh, PartitionSpec())
+    return jax.jit(program.step, in_shardings=(shardings,), out_shardings=(shardings, rep))
+
+
+# ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
@@ -1045,7 +1088,9 @@ def run_pbt(
     say = log or (lambda s: None)
     t0 = time.perf_counter()
     state = jax.jit(pbt.init)(jax.random.key(seed))
-    step = jax.jit(pbt.step)
+    mesh = population_mesh(groups)
+    shardings = population_shardings(state, mesh) if mesh is not None else None
+    step = jit_step(pbt, shardings)
     hist = dict(fitness=[], last_return=[], hparams=[], lineage=[], bad=[])
     start = 0
     if resume:
@@ -1054,12 +1099,17 @@ def run_pbt(
         state = from_saveable(raw, state)
         hist = document["history"]
         say(f"resumed from round {start} in {ckpt_dir}")
+    if shardings is not None:
+        state = jax.device_put(state, shardings)
+    elif jax.device_count() > 1:
+        say(f"note: group sizes {[g.size for g in groups]} do not divide over {jax.device_count()} devices; "
+            "running on one device")
     step = step.lower(state).compile()
     compile_s = time.perf_counter() - t0
     say(f"{algo} ({'pairwise' if algo == 'gpbt' else exploit}/{explore if algo == 'pbt' else '-'}) "
         f"{agent_kind} on {env}: {p} members {[f'{g.spec}:{g.size}' for g in groups]}, {rounds} rounds x "
         f"{config.interval} updates x {steps_per_update} env steps; tuning {', '.join(names)}; "
-        f"compiled in {compile_s:.1f}s")
+        f"{jax.device_count() if shardings is not None else 1} device(s); compiled in {compile_s:.1f}s")
     run_s = 0.0
     for r in range(start, rounds):
         t = time.perf_counter()
@@ -1113,7 +1163,7 @@ def run_pbt(
     ]
     if time_selection and rounds > start:
         # The selection alone, jitted apart, against the mean wall time of a whole round.
-        select_jit = jax.jit(pbt.select)
+        select_jit = jax.jit(pbt.select)  # (placement as the state has it)
         rets = jnp.asarray(np.asarray(hist["last_return"][-1], np.float32)[:, None].repeat(config.interval, 1))
         t_select = _timed(select_jit, state, rets)
         t_round = run_s / (rounds - start)

@@ -543,3 +543,38 @@ def test_mixed_adam_kfac_ppo_population(tmp_path):
     assert cross  # some member copied weights from the other optimizer kind
     lr = {k: [v for m in res["members"] if m["optimizer"] == k for v in m["hparams"]["lr"]] for k in ("adam", "kfac")}
     assert max(lr["adam"]) <= 1e-2 * 1.0001 and min(lr["kfac"]) >= 1e-3 * 0.9999  # per-kind lr bounds
+
+
+SHARD_CHECK = r"""
+import sys
+sys.path.insert(0, ROOT)
+import envs  # noqa
+import jax, numpy as np
+from meta import pbt
+from tests.test_pbt import toy_pbt, TOY_SPACE
+assert jax.device_count() == 4, jax.device_count()
+groups = (pbt.Group("a", 4), pbt.Group("b", 4))
+prog = toy_pbt("pb2", groups=groups, spaces=[TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0)])
+s0 = jax.jit(prog.init)(jax.random.key(0))
+sh = pbt.population_shardings(s0, pbt.population_mesh(groups))
+a = jax.device_put(s0, sh)
+compiled = pbt.jit_step(prog, sh).lower(a).compile()  # one executable for every round, as run_pbt
+step = jax.jit(prog.step)
+b = s0
+for _ in range(4):
+    a, ia = compiled(a)
+    b, ib = step(b)
+    np.testing.assert_array_equal(np.asarray(ia["src"]), np.asarray(ib["src"]))
+    np.testing.assert_allclose(np.asarray(ia["hparams_next"]), np.asarray(ib["hparams_next"]), rtol=1e-5)
+assert len(a.members[1].params["w"].sharding.device_set) == 4
+assert np.asarray(ia["replaced"]).any()
+print("SHARDED_OK")
+"""
+
+
+def test_population_sharded_over_four_cpu_devices():
+    """The member axis split over 4 (fake CPU) devices gives the same rounds as one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + SHARD_CHECK], capture_output=True,
+                       text=True, timeout=240, env=env, cwd=ROOT)
+    assert "SHARDED_OK" in r.stdout, r.stderr[-3000:]
