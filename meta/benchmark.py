@@ -174,6 +174,12 @@ def write_outputs(records: Sequence[Dict], out: str, reference: str) -> Dict[str
     return table
 
 
+def short_label(spec: str) -> str:
+    """``open:../x/breakout_OPEN.npy`` -> ``open:breakout_OPEN.npy`` (file paths shortened)."""
+    name, sep, arg = spec.partition(":")
+    return f"{name}{sep}{os.path.basename(arg)}" if "/" in arg else spec
+
+
 def _aggregate_plot(records, table, reference, path) -> None:
     import matplotlib
 
@@ -198,11 +204,11 @@ def _aggregate_plot(records, table, reference, path) -> None:
         lo, hi = stats.bootstrap_ci(vals)
         means.append(m)
         errs.append((m - lo, hi - m))
-    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(optimizers) + 1.5))
+    fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(optimizers) + 1.8))
     y = np.arange(len(optimizers))
     ax.errorbar(means, y, xerr=np.array(errs).T, fmt="o", capsize=4)
-    ax.set_yticks(y, optimizers)
-    ax.set_xlabel(f"return normalised by {reference} (mean over envs and seeds, bootstrap 95% CI)")
+    ax.set_yticks(y, [short_label(o) for o in optimizers])
+    ax.set_xlabel(f"return / |{short_label(reference)} mean| per env\n(mean over envs and seeds, bootstrap 95% CI)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
