@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 from flax import struct
 
 from agents import losses, networks
+from agents.hparams import with_defaults
 from envs.spaces import Box, Discrete
 from envs.wrappers import VecEnv
 from learned_optim.context import get_hyperparam, required_stats, set_hyperparam
@@ -87,11 +88,7 @@ class A2CHParams(NamedTuple):
     def default(cls, **overrides) -> "A2CHParams":
         # Optim4RL's gridworld A2C: discount 0.995, GAE 0.95, entropy 0.01, critic 0.5.
         values = dict(lr=1e-3, ent_coef=0.01, gamma=0.995, gae_lambda=0.95, vf_coef=0.5)
-        unknown = set(overrides) - set(values)
-        if unknown:
-            raise ValueError(f"unknown A2C hyperparameter(s) {sorted(unknown)}; allowed: {sorted(values)}")
-        values.update(overrides)
-        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+        return with_defaults(cls, values, overrides, "A2C")
 
 
 @struct.dataclass

@@ -27,13 +27,13 @@ import dataclasses
 import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
 from agents import losses, networks
+from agents.hparams import with_defaults
 from envs.spaces import Box, Discrete
 from envs.wrappers import NormalizeObservation, VecEnv
 from learned_optim.context import LayerStats, any_member, get_hyperparam, required_stats, set_hyperparam
@@ -114,11 +114,7 @@ class PPOHParams(NamedTuple):
     @classmethod
     def default(cls, **overrides) -> "PPOHParams":
         values = dict(lr=2.5e-4, ent_coef=0.01, clip_eps=0.2, gamma=0.99, gae_lambda=0.95, vf_coef=0.5)
-        unknown = set(overrides) - set(values)
-        if unknown:
-            raise ValueError(f"unknown PPO hyperparameter(s) {sorted(unknown)}; allowed: {sorted(values)}")
-        values.update(overrides)
-        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+        return with_defaults(cls, values, overrides, "PPO")
 
 
 # Named presets: (config, hparams). MinAtar follows the OPEN paper's PPO setting.
