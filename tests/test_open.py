@@ -16,7 +16,8 @@ import learned_optim
 from learned_optim import base
 from learned_optim.context import LayerStats
 from tests.conftest import SHARED
-from learned_optim.open import BETAS, OPEN_LARGE, OPEN_SMALL, OpenRule, load_open_weights, open_features
+from learned_optim.open import (BETAS, OPEN_LARGE, OPEN_SMALL, OpenRule, load_open_weights, open_features,
+                                open_network, open_state_by_leaf)
 
 ANCHORS = sorted(glob.glob(os.path.join(SHARED, "anchors", "open", "*.npy")))
 
@@ -171,17 +172,45 @@ def test_state_carries_momenta_and_gru_state():
     grads = like(params, jax.random.key(1))
     tx = OPEN_SMALL.make_optimizer(OPEN_SMALL.init_meta_params(jax.random.key(5)))
     s0 = tx.init(params)
-    assert s0.carry["critic"]["Dense_1"]["kernel"].shape == (4, 4, 8)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert s0.carry.shape == (8, n) and s0.momenta.shape == (6, n)  # flat, feature-major
+    assert open_state_by_leaf(s0, params)[1]["critic"]["Dense_1"]["kernel"].shape == (4, 4, 8)
     upd = jax.jit(tx.update)
     _, s1 = upd(grads, s0, params)  # no extra args: neutral context
-    np.testing.assert_allclose(s1.momenta["actor"]["Dense_0"]["bias"][:, 0], 0.9 * grads["actor"]["Dense_0"]["bias"], rtol=1e-6)
-    assert float(jnp.abs(s1.carry["actor"]["Dense_0"]["kernel"]).max()) > 0
+    momenta, carry = open_state_by_leaf(s1, params)
+    np.testing.assert_allclose(momenta["actor"]["Dense_0"]["bias"][:, 0], 0.9 * grads["actor"]["Dense_0"]["bias"], rtol=1e-6)
+    np.testing.assert_allclose(momenta["critic"]["Dense_2"]["kernel"][..., 5],
+                               (1 - BETAS[5]) * grads["critic"]["Dense_2"]["kernel"], rtol=1e-3)
+    assert float(jnp.abs(carry["actor"]["Dense_0"]["kernel"]).max()) > 0
     u_fresh, _ = upd(grads, s0, params, key=jax.random.key(0))
     u_carried, _ = upd(grads, s1._replace(momenta=s0.momenta), params, key=jax.random.key(0))
     assert not np.allclose(u_fresh["critic"]["Dense_0"]["kernel"], u_carried["critic"]["Dense_0"]["kernel"])
     assert int(s1.count) == 1 and learned_optim.required_stats(tx, params) == {"outputs"}
     with pytest.raises(ValueError, match="params"):
         jax.eval_shape(tx.update, grads, s0)
+    with pytest.raises(ValueError, match="tx.init"):  # a state made for other params
+        jax.eval_shape(tx.update, grads, tx.init(params["actor"]), params)
+
+
+@pytest.mark.parametrize("rule", [OPEN_SMALL, OPEN_LARGE])
+def test_feature_major_network_equals_flax(rule):
+    mp = rule.init_meta_params(jax.random.key(3))
+    # published-like scales: random LayerNorm scales/biases, not flax's ones/zeros
+    mp = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
+        if "layers_1" in str(path) or "layers_4" in str(path) or "hn" in str(path) else x, mp)
+    k1, k2 = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(k1, (37, 19))
+    c = 0.5 * jax.random.normal(k2, (37, rule.gru_features))
+    gru = nn.GRUCell(features=rule.gru_features)
+    mlp = nn.Sequential([nn.Dense(rule.hidden_size), nn.LayerNorm(), nn.relu,
+                         nn.Dense(rule.hidden_size), nn.LayerNorm(), nn.relu, nn.Dense(3)])
+    want_c, h = gru.apply(mp["gru_params"], c, x)
+    want_o = mlp.apply(mp["params"], h)
+    from learned_optim.open import _prepare
+    got_c, got_o = open_network(_prepare(mp), c.T, x.T)
+    np.testing.assert_allclose(got_c.T, want_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_o.T, want_o, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not ANCHORS, reason="OPEN reference weights not present")
@@ -218,7 +247,7 @@ def test_large_vector_loads_as_large_variant(tmp_path):
     np.testing.assert_array_equal(rule.flatten(mp), vec)
     tx = learned_optim.from_spec(f"open:{path}")
     params = tiny_params()
-    assert tx.init(params).carry["actor"]["Dense_0"]["bias"].shape == (4, 16)
+    assert open_state_by_leaf(tx.init(params), params)[1]["actor"]["Dense_0"]["bias"].shape == (4, 16)
 
 
 @pytest.mark.parametrize("case", ["missing", "wrong_length", "two_d", "ints", "pickled", "garbage", "nan"])
@@ -252,7 +281,7 @@ def test_fresh_specs():
     np.testing.assert_array_equal(first_update("open"), first_update("open:seed=0"))
     assert not np.allclose(first_update("open:seed=0"), first_update("open:seed=1"))
     tx = learned_optim.from_spec("open_large:seed=2")
-    assert tx.init(params).carry["actor"]["Dense_0"]["bias"].shape == (4, 16)
+    assert tx.init(params).carry.shape == (16, sum(x.size for x in jax.tree.leaves(params)))
     with pytest.raises(ValueError, match="seed"):
         learned_optim.from_spec("open_large:sed=2")
     with pytest.raises(ValueError):
