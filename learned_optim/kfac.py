@@ -236,6 +236,7 @@ def scale_by_kfac(
     learning_rate: float = 1.0,
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
+    factor_update_period: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions the gradient with damped block-diagonal K-FAC.
 
@@ -245,8 +246,10 @@ def scale_by_kfac(
     not scaled: chain ``scale_by_learning_rate``, or use ``kfac``). Returns
     ``+F^-1 g`` (same sign as the gradient).
     """
-    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale)
+    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
+                  factor_update_period)
     period = int(inverse_update_period)
+    fperiod = int(factor_update_period)
 
     def init_fn(params):
         return ScaleByKFACState(
@@ -261,23 +264,39 @@ def scale_by_kfac(
         layer_stats = extra_args.get("layer_stats")
         decay = jnp.asarray(ema_decay, jnp.float32)
 
-        # 1. Factor EMAs from this minibatch's per-example statistics.
-        new_states, skipped = [], []
-        for (path, node), ls in zip(pairs, layer_states):
-            if not cv.is_dense(node):
-                new_states.append(ls)
-                continue
-            a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
-            n = a.shape[0]
-            a_batch = a.T @ a / n
-            g_batch = g.T @ g / n
-            ok = cv.all_finite(a_batch, g_batch)
-            new_states.append(ls._replace(
-                a_factor=jnp.where(ok, decay * ls.a_factor + (1 - decay) * a_batch, ls.a_factor),
-                g_factor=jnp.where(ok, decay * ls.g_factor + (1 - decay) * g_batch, ls.g_factor),
-                weight=jnp.where(ok, decay * ls.weight + (1 - decay), ls.weight),
-            ))
-            skipped.append(~ok)
+        # 1. Factor EMAs from this minibatch's per-example statistics, every
+        #    ``factor_update_period`` steps of each member's own count.
+        stats_due = (state.count % fperiod) == 0
+
+        def update_factors(states):
+            out, skipped = [], []
+            for (path, node), ls in zip(pairs, states):
+                if not cv.is_dense(node):
+                    out.append(ls)
+                    continue
+                a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
+                n = a.shape[0]
+                a_batch = a.T @ a / n
+                g_batch = g.T @ g / n
+                ok = cv.all_finite(a_batch, g_batch)
+                use = ok & stats_due
+                out.append(ls._replace(
+                    a_factor=jnp.where(use, decay * ls.a_factor + (1 - decay) * a_batch, ls.a_factor),
+                    g_factor=jnp.where(use, decay * ls.g_factor + (1 - decay) * g_batch, ls.g_factor),
+                    weight=jnp.where(use, decay * ls.weight + (1 - decay), ls.weight),
+                ))
+                skipped.append(~ok & stats_due)
+            return out, cv.count(skipped)
+
+        if fperiod == 1:
+            new_states, skipped = update_factors(layer_states)
+        else:
+            for (path, node) in pairs:  # missing statistics: a clear error at trace time, not inside cond
+                if cv.is_dense(node):
+                    cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
+            new_states, skipped = jax.lax.cond(
+                any_member(stats_due), update_factors,
+                lambda st: (list(st), jnp.zeros((), jnp.int32)), list(layer_states))
 
         # 2. Eigendecompositions at steps 0, T, 2T, ... of each member's own count.
         due = (state.count % period) == 0
@@ -312,19 +331,18 @@ def scale_by_kfac(
         new_state = ScaleByKFACState(
             count=optax.safe_increment(state.count),
             layers=jax.tree_util.tree_unflatten(treedef, final_states),
-            health=cv.next_health(state.health, skipped, fell_back, failed),
+            health=cv.next_health(state.health, [skipped], fell_back, failed),
         )
         return cv.finish_steps(outs, pairs, treedef, norm_constraint, learning_rate), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale):
-    if isinstance(inverse_update_period, bool) or not isinstance(inverse_update_period, int) \
-            or inverse_update_period < 1:
-        raise ValueError(
-            f"kfac: inverse_update_period must be an integer >= 1, got {inverse_update_period!r}"
-        )
+def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
+                  factor_update_period=1):
+    for name, v in (("inverse_update_period", inverse_update_period), ("factor_update_period", factor_update_period)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"kfac: {name} must be an integer >= 1, got {v!r}")
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"kfac: damping_mode={damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}")
     cv.check_first_order(first_order, "kfac")
@@ -333,18 +351,20 @@ def _check_static(inverse_update_period, damping_mode, first_order, min_damping,
 
 
 def _kfac_chain(learning_rate, damping, ema_decay, norm_constraint, inverse_update_period,
-                damping_mode, first_order, min_damping, fallback_scale):
+                damping_mode, first_order, min_damping, fallback_scale, factor_update_period):
     return optax.chain(
         scale_by_kfac(
             damping=damping, ema_decay=ema_decay, inverse_update_period=inverse_update_period,
             damping_mode=damping_mode, first_order=first_order, norm_constraint=norm_constraint,
             learning_rate=learning_rate, min_damping=min_damping, fallback_scale=fallback_scale,
+            factor_update_period=factor_update_period,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
-_STATIC = ("inverse_update_period", "damping_mode", "first_order", "min_damping", "fallback_scale")
+_STATIC = ("inverse_update_period", "damping_mode", "first_order", "min_damping", "fallback_scale",
+           "factor_update_period")
 
 
 def kfac(
@@ -357,6 +377,7 @@ def kfac(
     first_order: str = "sgd",
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
+    factor_update_period: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: ``-learning_rate * scale_by_kfac(...)``, hyperparameters injected.
 
@@ -365,29 +386,30 @@ def kfac(
     = 0`` disables the constraint. Raises ``ValueError`` on bad settings.
     """
     cv.check_injected("kfac", learning_rate, damping, ema_decay, norm_constraint)
-    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale)
+    _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
+                  factor_update_period)
     return optax.inject_hyperparams(_kfac_chain, static_args=_STATIC)(
         learning_rate=learning_rate, damping=damping, ema_decay=ema_decay,
         norm_constraint=norm_constraint, inverse_update_period=inverse_update_period,
         damping_mode=damping_mode, first_order=first_order, min_damping=min_damping,
-        fallback_scale=fallback_scale,
+        fallback_scale=fallback_scale, factor_update_period=factor_update_period,
     )
 
 
 SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "period": "inverse_update_period",
-                "norm": "norm_constraint", "mode": "damping_mode"}
+                "norm": "norm_constraint", "mode": "damping_mode", "fperiod": "factor_update_period"}
 
 
 def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
     """``kfac:lr=0.05,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
-    inverse_update_period=5,damping_mode=exact|factored,first_order=sgd|rms,
-    min_damping=1e-8`` (aliases: ema, period, norm, mode)."""
+    inverse_update_period=5,factor_update_period=1,damping_mode=exact|factored,
+    first_order=sgd|rms,min_damping=1e-8`` (aliases: ema, period, fperiod, norm, mode)."""
     from learned_optim.spec import parse_kwargs
 
     kwargs = parse_kwargs(
         arg,
         ("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping", "fallback_scale"),
-        integer=("inverse_update_period",),
+        integer=("inverse_update_period", "factor_update_period"),
         choices={"damping_mode": DAMPING_MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
         spec=f"kfac:{arg}",

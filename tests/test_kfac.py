@@ -301,6 +301,36 @@ def test_inverse_refresh_exactly_every_period(setup):
     assert refreshed_at == [0, 3, 6]
 
 
+def test_factors_update_exactly_every_factor_period(setup):
+    """factor_update_period=k: the EMAs take a minibatch's statistics at steps
+    0, k, 2k, ... only (inside a real cond), with the usual bias-corrected EMA."""
+    params, _, _, _, grads = setup
+    decay = 0.8
+    tx = scale_by_kfac(damping=1e-2, ema_decay=decay, inverse_update_period=1, factor_update_period=3)
+    upd = jax.jit(tx.update)
+    state = tx.init(params)
+    used = []
+    for step in range(7):
+        x, k = batch(jax.random.key(300 + step))
+        stats, _ = hand_stats(params, x, k)
+        _, new = upd(grads, state, params, layer_stats=stats)
+        old_ls, new_ls = state.layers["Dense_0"], new.layers["Dense_0"]
+        if not np.array_equal(new_ls.a_factor, old_ls.a_factor):
+            used.append(step)
+            a, _ = factors(stats["Dense_0"])
+            np.testing.assert_allclose(new_ls.a_factor, decay * old_ls.a_factor + (1 - decay) * a, rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(new_ls.g_factor, old_ls.g_factor)
+            assert float(new_ls.weight) == float(old_ls.weight)
+        state = new
+    assert used == [0, 3, 6]
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params, layer_stats=stats).jaxpr
+    assert [e.primitive.name for e in jaxpr.eqns].count("cond") == 2  # factors, and the refresh
+    with pytest.raises(ValueError, match="factor_update_period"):
+        learned_optim.from_spec("kfac:fperiod=0")
+    assert learned_optim.from_spec("kfac:fperiod=2,period=20") is not None
+
+
 def test_norm_constraint_bounds_the_step(setup):
     params, _, _, stats, grads = setup
     lr, c = 0.5, 1e-4
