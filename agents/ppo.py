@@ -290,23 +290,17 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
 
     # Statistics for optimizers that ask (LayerStats) ---------------------------
 
-    def layer_stats(params, obs, key):
+    want_io = bool(stats_needed & {"inputs", "outputs"})
+
+    def layer_stats(params, obs, key, sown):
         """Per-layer ``LayerStats`` of what the optimizer asked for: post-activation
         ``outputs`` (dormancy) over the whole minibatch; ``inputs`` and
-        ``preact_grads`` (curvature) over its first ``curvature_batch_size`` rows."""
+        ``preact_grads`` (curvature) over its first ``curvature_batch_size`` rows.
+        ``sown``: the layers' ``(inputs, outputs)`` recorded by the loss's own
+        forward pass (``loss_fn``), so they cost no extra pass."""
         rows = config.curvature_batch_size
         curv_rows = rows if 0 < rows < obs.shape[0] else obs.shape[0]
         stats = {}
-        want_io = bool(stats_needed & {"inputs", "outputs"})
-        sown = {}
-        if want_io:
-            io_obs = obs if "outputs" in stats_needed else obs[:curv_rows]
-            _, a_vars = actor.apply({"params": params["actor"]}, flat(io_obs), mutable=["intermediates"])
-            _, c_vars = critic.apply({"params": params["critic"]}, flat(io_obs), mutable=["intermediates"])
-            sown = {
-                "actor": networks.by_layer(a_vars["intermediates"], sown=True),
-                "critic": networks.by_layer(c_vars["intermediates"], sown=True),
-            }
         grads = {}
         if "preact_grads" in stats_needed:
             grads = fisher_preact_grads(params, obs[:curv_rows], key)
@@ -348,14 +342,28 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
     # Update ------------------------------------------------------------------
 
     def loss_fn(params, batch, hp: PPOHParams):
-        actor_out = policy(params["actor"], batch["obs"])
+        """PPO loss; aux = (metrics, sown), where ``sown`` holds every dense
+        layer's ``(inputs, outputs)`` from this forward pass when the optimizer
+        asked for layer inputs or outputs (else ``{}``)."""
+        x = flat(batch["obs"])
+        if want_io:
+            actor_out, a_vars = actor.apply({"params": params["actor"]}, x, mutable=["intermediates"])
+            value, c_vars = critic.apply({"params": params["critic"]}, x, mutable=["intermediates"])
+            sown = jax.lax.stop_gradient({
+                "actor": networks.by_layer(a_vars["intermediates"], sown=True),
+                "critic": networks.by_layer(c_vars["intermediates"], sown=True),
+            })
+        else:
+            actor_out = actor.apply({"params": params["actor"]}, x)
+            value = critic.apply({"params": params["critic"]}, x)
+            sown = {}
         _, log_prob, entropy = dist_fns(actor_out)
-        value = value_fn(params["critic"], batch["obs"])
-        return losses.ppo_loss(
-            log_prob(batch["action"]), batch["log_prob"], batch["advantages"], value,
+        loss, metrics = losses.ppo_loss(
+            log_prob(batch["action"]), batch["log_prob"], batch["advantages"], value[..., 0],
             batch["value"], batch["targets"], entropy(), hp.clip_eps, hp.vf_coef, hp.ent_coef,
             config.normalize_advantages, config.clip_value,
         )
+        return loss, (metrics, sown)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -389,10 +397,10 @@ def make_ppo(config: PPOConfig, env, env_params, tx: optax.GradientTransformatio
             def minibatch_step(carry, mb):
                 params, opt_state, key = carry
                 key, k_opt, k_stats = jax.random.split(key, 3)
-                grads, aux = grad_fn(params, mb, hp)
+                grads, (aux, sown) = grad_fn(params, mb, hp)
                 extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k_opt)
                 if stats_needed:
-                    extra["layer_stats"] = layer_stats(params, mb["obs"], k_stats)
+                    extra["layer_stats"] = layer_stats(params, mb["obs"], k_stats, sown)
                 opt_state = set_hyperparam(opt_state, "learning_rate", lr)
                 upd, opt_state = full_tx.update(grads, opt_state, params, **extra)
                 params = optax.apply_updates(params, upd)

@@ -167,10 +167,7 @@ class OpenRule(base.LearnedRule):
 class _Prepared(NamedTuple):
     """OPEN's network weights arranged for the feature-major forward pass."""
 
-    gates_in: jax.Array       # [3H, 19]  rows: reset, update, candidate
-    gates_bias: jax.Array     # [3H]
-    gates_hidden: jax.Array   # [3H, H]
-    candidate_bias: jax.Array  # [H]       the hidden-side bias of the candidate gate
+    gru: base.GRUWeights
     layers: Tuple[Tuple[jax.Array, jax.Array, jax.Array, jax.Array], ...]  # (W^T centred, b centred, scale, bias)
     out_w: jax.Array          # [3, hidden]
     out_b: jax.Array          # [3]
@@ -182,22 +179,14 @@ def _prepare(meta_params: Any) -> _Prepared:
     A LayerNorm directly after a Dense layer subtracts the mean over the
     layer's outputs, which is linear: it is folded into the Dense weights
     (``W - mean_j W[:, j]``), so the forward pass needs no mean reduction."""
-    gru = meta_params["gru_params"]["params"]
     mlp = meta_params["params"]["params"]
     layers = []
     for dense, norm in (("layers_0", "layers_1"), ("layers_3", "layers_4")):
         w, b = mlp[dense]["kernel"], mlp[dense]["bias"]
         layers.append(((w - jnp.mean(w, axis=1, keepdims=True)).T, b - jnp.mean(b),
                        mlp[norm]["scale"], mlp[norm]["bias"]))
-    return _Prepared(
-        gates_in=jnp.concatenate([gru[f"i{g}"]["kernel"] for g in "rzn"], axis=1).T,
-        gates_bias=jnp.concatenate([gru[f"i{g}"]["bias"] for g in "rzn"]),
-        gates_hidden=jnp.concatenate([gru[f"h{g}"]["kernel"] for g in "rzn"], axis=1).T,
-        candidate_bias=gru["hn"]["bias"],
-        layers=tuple(layers),
-        out_w=mlp["layers_6"]["kernel"].T,
-        out_b=mlp["layers_6"]["bias"],
-    )
+    return _Prepared(base.gru_weights(meta_params["gru_params"]), tuple(layers),
+                     mlp["layers_6"]["kernel"].T, mlp["layers_6"]["bias"])
 
 
 LAYERNORM_EPS = 1e-6  # flax.linen.LayerNorm's default
@@ -209,12 +198,7 @@ def open_network(prep: _Prepared, carry: jax.Array, x: jax.Array) -> Tuple[jax.A
     carry: ``[H, N]``; x: ``[19, N]``. Returns the new carry ``[H, N]`` and
     the outputs ``[3, N]``. Equal (to float rounding) to
     ``mlp.apply(GRUCell.apply(carry.T, x.T)[1]).T`` with the same parameters."""
-    hsize = carry.shape[0]
-    gi = jnp.dot(prep.gates_in, x) + prep.gates_bias[:, None]          # [3H, N]
-    gh = jnp.dot(prep.gates_hidden, carry)                             # [3H, N]
-    rz = jax.nn.sigmoid(gi[:2 * hsize] + gh[:2 * hsize])
-    n = jnp.tanh(gi[2 * hsize:] + rz[:hsize] * (gh[2 * hsize:] + prep.candidate_bias[:, None]))
-    h = n + rz[hsize:] * (carry - n)                                   # (1 - z) n + z h
+    h = base.gru_feature_major(prep.gru, carry, x)
     y = h
     for w_centred, b_centred, scale, bias in prep.layers:
         a = jnp.dot(w_centred, y) + b_centred[:, None]                 # already mean-free over features
@@ -230,7 +214,7 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
     prep = _prepare(meta_params)
 
     def init_fn(params):
-        n = sum(math.prod(jnp.shape(p)) for p in jax.tree.leaves(params))
+        n = base.flat_size(params)
         return OpenState(momenta=jnp.zeros((len(BETAS), n), jnp.float32),
                          carry=jnp.zeros((rule.gru_features, n), jnp.float32),
                          count=jnp.zeros((), jnp.int32))
@@ -245,9 +229,7 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
         shapes = [jnp.shape(g) for g in g_leaves]
         layout = base.flat_layout(infos, shapes)
         n = layout.segments.shape[0]
-        if state.momenta.shape != (len(BETAS), n):
-            raise ValueError(f"OPEN state holds {state.momenta.shape[-1]} elements but the params have {n}; "
-                             "initialise the state with tx.init(params) for these params")
+        base.check_flat_state("OPEN", state.momenta, n)
         ends = np.cumsum([math.prod(s) for s in shapes])
         spans = list(zip(np.concatenate([[0], ends[:-1]]), ends))
 

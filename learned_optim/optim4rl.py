@@ -30,10 +30,12 @@ from learned_optim import base
 
 
 class Optim4RLState(NamedTuple):
-    """carry_m, carry_v: like params, leaves ``[..., H]`` float32 (the two GRU states)."""
+    """carry_m, carry_v: ``[H, N]`` float32, the two GRU states, flat and
+    feature-major over the ``N`` parameter elements in ``jax.tree.leaves``
+    order (see ``base.gru_feature_major`` for why)."""
 
-    carry_m: Any
-    carry_v: Any
+    carry_m: jax.Array
+    carry_v: jax.Array
 
 
 def scale_by_optim4rl(meta_params: Any, hidden_size: int = 8, grad_clip: float = 1.0,
@@ -43,11 +45,11 @@ def scale_by_optim4rl(meta_params: Any, hidden_size: int = 8, grad_clip: float =
     meta_params: ``{"m_gru", "m_out", "v_gru", "v_out"}`` flax variable dicts
     (see ``Optim4RLRule.init_meta_params``). Extra arguments are ignored.
     """
-    gru = nn.GRUCell(features=hidden_size)
-    head = nn.Dense(1)
+    gru_m, gru_v = base.gru_weights(meta_params["m_gru"]), base.gru_weights(meta_params["v_gru"])
+    head_m, head_v = meta_params["m_out"]["params"], meta_params["v_out"]["params"]
 
     def init_fn(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (hidden_size,), jnp.float32), params)
+        zeros = jnp.zeros((hidden_size, base.flat_size(params)), jnp.float32)
         return Optim4RLState(carry_m=zeros, carry_v=zeros)
 
     def update_fn(updates, state, params=None, **extra):
@@ -55,20 +57,15 @@ def scale_by_optim4rl(meta_params: Any, hidden_size: int = 8, grad_clip: float =
         g_leaves, treedef = jax.tree.flatten(updates)
         shapes = [jnp.shape(g) for g in g_leaves]
         g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in g_leaves])   # [N]
-        g = jnp.clip(g, -grad_clip, grad_clip)[:, None]                             # [N, 1]
-        cm = base.concat_elements(treedef.flatten_up_to(state.carry_m))             # [N, H]
-        cv = base.concat_elements(treedef.flatten_up_to(state.carry_v))
-        cm, hm = gru.apply(meta_params["m_gru"], cm, g)
-        cv, hv = gru.apply(meta_params["v_gru"], cv, jnp.square(g))
-        m = jnp.sign(g) * jnp.exp(head.apply(meta_params["m_out"], hm))
-        v = jnp.exp(head.apply(meta_params["v_out"], hv))
-        direction = (m * jax.lax.rsqrt(v + eps))[:, 0]
+        base.check_flat_state("Optim4RL", state.carry_m, g.shape[0])
+        g = jnp.clip(g, -grad_clip, grad_clip)[None]                                # [1, N]
+        cm = base.gru_feature_major(gru_m, state.carry_m, g)
+        cv = base.gru_feature_major(gru_v, state.carry_v, jnp.square(g))
+        log_m = jnp.dot(head_m["kernel"].T, cm)[0] + head_m["bias"][0]
+        log_v = jnp.dot(head_v["kernel"].T, cv)[0] + head_v["bias"][0]
+        direction = jnp.sign(g[0]) * jnp.exp(log_m) * jax.lax.rsqrt(jnp.exp(log_v) + eps)
         out = [d.astype(jnp.result_type(x)) for d, x in zip(base.split_elements(direction, shapes), g_leaves)]
-        new_state = Optim4RLState(
-            carry_m=jax.tree.unflatten(treedef, base.split_elements(cm, shapes)),
-            carry_v=jax.tree.unflatten(treedef, base.split_elements(cv, shapes)),
-        )
-        return jax.tree.unflatten(treedef, out), new_state
+        return jax.tree.unflatten(treedef, out), Optim4RLState(carry_m=cm, carry_v=cv)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -36,17 +36,23 @@ def test_gru_sees_clipped_gradient_and_its_square():
     tx = rule.make_optimizer(mp)
     big = {"w": jnp.array([2.0, -7.0, 0.5])}
     clipped = {"w": jnp.array([1.0, -1.0, 0.5])}
-    u_big, _ = tx.update(big, tx.init(big))
+    u_big, s_big = tx.update(big, tx.init(big))
     u_clip, _ = tx.update(clipped, tx.init(clipped))
     np.testing.assert_allclose(u_big["w"], u_clip["w"], rtol=1e-6)
-    # against flax directly: m-branch on g, v-branch on g**2, zero initial state
+    # against flax directly: m-branch on g, v-branch on g**2, zero initial state,
+    # then a second step from the carried GRU states
     gru, head = nn.GRUCell(features=8), nn.Dense(1)
-    x = clipped["w"][:, None]
-    _, hm = gru.apply(mp["m_gru"], jnp.zeros((3, 8)), x)
-    _, hv = gru.apply(mp["v_gru"], jnp.zeros((3, 8)), x ** 2)
-    m = jnp.sign(x) * jnp.exp(head.apply(mp["m_out"], hm))
-    v = jnp.exp(head.apply(mp["v_out"], hv))
-    np.testing.assert_allclose(u_big["w"], -(m / jnp.sqrt(v + 1e-8))[:, 0], rtol=1e-5)
+    cm, cv = jnp.zeros((3, 8)), jnp.zeros((3, 8))
+    second = {"w": jnp.array([-0.25, 0.75, 3.0])}
+    u2, _ = tx.update(second, s_big)
+    for step, g in enumerate((clipped["w"], jnp.clip(second["w"], -1, 1))):
+        x = g[:, None]
+        cm, hm = gru.apply(mp["m_gru"], cm, x)
+        cv, hv = gru.apply(mp["v_gru"], cv, x ** 2)
+        m = jnp.sign(x) * jnp.exp(head.apply(mp["m_out"], hm))
+        v = jnp.exp(head.apply(mp["v_out"], hv))
+        got = (u_big, u2)[step]["w"]
+        np.testing.assert_allclose(got, -(m / jnp.sqrt(v + 1e-8))[:, 0], rtol=1e-5)
 
 
 def test_recurrent_state_and_size():
@@ -56,10 +62,12 @@ def test_recurrent_state_and_size():
     g = {"a": jnp.ones((2, 3)) * 0.3, "b": jnp.full((4,), -0.2)}
     s0 = tx.init(g)
     inner = s0[0]
-    assert inner.carry_m["a"].shape == (2, 3, 8) and inner.carry_v["b"].shape == (4, 8)
+    assert inner.carry_m.shape == (8, 10) and inner.carry_v.shape == (8, 10)  # flat [H, N]
     u1, s1 = tx.update(g, s0)
     u2, _ = tx.update(g, s1)
-    assert float(jnp.abs(s1[0].carry_m["a"]).max()) > 0
+    assert float(jnp.abs(s1[0].carry_m[:, :6]).max()) > 0
+    with pytest.raises(ValueError, match="tx.init"):
+        tx.update(g, tx.init({"a": g["a"]}))
     assert not np.allclose(u1["a"], u2["a"])  # same gradient, different hidden state
 
 
