@@ -238,11 +238,7 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
         g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in g_leaves])
         p = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in p_leaves])
         m = base.update_momenta(state.momenta.T, g, BETAS).T                  # [6, N]
-        raw = jnp.concatenate([p[None], jnp.sign(m), jnp.log(jnp.abs(m) + LOG_EPS),
-                               jnp.sign(g)[None], jnp.log(jnp.abs(g) + LOG_EPS)[None]], axis=0)  # [15, N]
-        inv_rms = jnp.stack([jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(raw[:, a:b]), axis=1)) for a, b in spans],
-                            axis=1)                                           # [15, leaves]
-        normalised = jnp.concatenate([raw[:, a:b] * inv_rms[:, i:i + 1] for i, (a, b) in enumerate(spans)], axis=1)
+        normalised = _normalised_features(p, g, m, spans)                    # [15, N]
         x = jnp.concatenate([
             normalised,
             jnp.broadcast_to(ctx.train_fraction, (1, n)),
@@ -260,6 +256,29 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
         return jax.tree.unflatten(treedef, out), OpenState(momenta=m, carry=new_carry, count=state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _normalised_features(p: jax.Array, g: jax.Array, m: jax.Array, spans) -> jax.Array:
+    """Features 0-14 (``[15, N]``), each divided per tensor by ``sqrt(1e-5 +
+    mean(x**2))``; ``spans`` are the tensors' ``(start, end)`` element ranges.
+
+    Written per tensor from slices of the inputs, and the squares written
+    separately (``sign(x)**2 = [x != 0]``), so XLA computes the statistics
+    and the scaled features in two fused passes over ``p, g, m`` without
+    materialising the unscaled ``[15, N]`` block (~10% of OPEN's step on CPU)."""
+    def raw(a, b):
+        ma, ga = m[:, a:b], g[a:b]
+        return jnp.concatenate([p[None, a:b], jnp.sign(ma), jnp.log(jnp.abs(ma) + LOG_EPS),
+                                jnp.sign(ga)[None], jnp.log(jnp.abs(ga) + LOG_EPS)[None]], axis=0)
+
+    def squares(a, b):
+        ma, ga = m[:, a:b], g[a:b]
+        return jnp.concatenate([jnp.square(p[None, a:b]), (ma != 0).astype(jnp.float32),
+                                jnp.square(jnp.log(jnp.abs(ma) + LOG_EPS)), (ga != 0).astype(jnp.float32)[None],
+                                jnp.square(jnp.log(jnp.abs(ga) + LOG_EPS))[None]], axis=0)
+
+    return jnp.concatenate([raw(a, b) * jax.lax.rsqrt(1e-5 + jnp.mean(squares(a, b), axis=1, keepdims=True))
+                            for a, b in spans], axis=1)
 
 
 def _actor_noise(key: jax.Array, infos, spans) -> jax.Array:
