@@ -110,6 +110,22 @@ def split_spec(spec: str) -> Tuple[str, str]:
     return name.strip().lower(), arg
 
 
+def split_spec_list(text: str) -> Tuple[str, ...]:
+    """A comma-separated list of specs, where a spec's own settings may also
+    use commas: ``"adam,kfac:period=20,fperiod=2,diag_ggn"`` ->
+    ``("adam", "kfac:period=20,fperiod=2", "diag_ggn")``. A ``key=value``
+    item without a ``:`` continues the spec before it."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if out and "=" in item and ":" not in item and ":" in out[-1]:
+            out[-1] = f"{out[-1]},{item}"
+        else:
+            out.append(item)
+    return tuple(out)
+
+
 def from_spec(spec: str) -> optax.GradientTransformationExtraArgs:
     """The optax transform that ``spec`` names (see the module docstring)."""
     name, arg = split_spec(spec)

@@ -10,7 +10,9 @@ Every optimizer trains ``--seeds`` vmapped PPO agents with the env's preset
 (``agents.experiment.resolve_config``) for ``--updates`` PPO iterations per
 timed call. Calls alternate between optimizers (round robin, ``--repeats``
 rounds) so a noisy, shared machine disturbs all of them alike; the median
-round is reported. Memory is XLA's own account of each compiled program
+round is reported, both by wall clock and by the process's CPU time (CPU time
+is the steadier figure on a shared machine when the process is pinned to one
+core, e.g. ``taskset -c 0``). Memory is XLA's own account of each compiled program
 (arguments + outputs + temporaries), so one process can compare them; the
 process's peak RSS is printed at the end.
 """
@@ -31,7 +33,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env", default="Breakout-MinAtar")
     p.add_argument("--optimizers", default="adam,open,optim4rl,kfac,diag_ggn",
-                   help="comma-separated optimizer specs; the first is the baseline")
+                   help="comma-separated optimizer specs (a spec's own settings may follow with commas: "
+                        "adam,kfac:period=20,fperiod=2); the first is the baseline")
     p.add_argument("--seeds", type=int, default=1, help="vmapped agents per optimizer")
     p.add_argument("--updates", type=int, default=8, help="PPO iterations per timed call")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (round robin over optimizers)")
@@ -62,7 +65,7 @@ def build(env_name, spec, seeds, updates):
         mem_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
     state, _ = jax.block_until_ready(run(state))  # warm-up call
     return dict(run=run, state=state, compile_s=compile_s, program_mb=mem_mb,
-                steps=seeds * updates * config.batch_size, times=[])
+                steps=seeds * updates * config.batch_size, times=[], cpu=[])
 
 
 def main(argv=None) -> int:
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     import envs
     import learned_optim
 
-    specs = [s.strip() for s in a.optimizers.split(",") if s.strip()]
+    specs = list(learned_optim.spec.split_spec_list(a.optimizers))
     try:
         if a.env not in envs.known_envs():
             raise ValueError(f"unknown env {a.env!r}; known: {', '.join(envs.known_envs())}")
@@ -94,23 +97,26 @@ def main(argv=None) -> int:
     for r in range(a.repeats):
         for s in specs:
             c = cells[s]
-            t = time.perf_counter()
+            t, tc = time.perf_counter(), time.process_time()
             c["state"], _ = jax.block_until_ready(c["run"](c["state"]))
             c["times"].append(time.perf_counter() - t)
+            c["cpu"].append(time.process_time() - tc)
         print(f"round {r + 1}/{a.repeats}: " + ", ".join(
             f"{s} {cells[s]['steps'] / cells[s]['times'][-1]:,.0f}" for s in specs) + " steps/s", flush=True)
 
     base = cells[specs[0]]["steps"] / statistics.median(cells[specs[0]]["times"])
+    base_cpu = cells[specs[0]]["steps"] / statistics.median(cells[specs[0]]["cpu"])
     rows = []
     print(f"\n{a.env}, {a.seeds} seed(s), {a.updates} PPO iterations per call, {device_description()}")
-    print("| optimizer | env steps/s | ratio to " + specs[0] + " | compile s | program memory MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | env steps/s | ratio to " + specs[0] + " | ratio by CPU time | compile s | program memory MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for s in specs:
         c = cells[s]
         sps = c["steps"] / statistics.median(c["times"])
+        cpu_ratio = c["steps"] / statistics.median(c["cpu"]) / base_cpu
         mem = f"{c['program_mb']:.1f}" if c["program_mb"] is not None else "n/a"
-        print(f"| {s} | {sps:,.0f} | {sps / base:.2f}x | {c['compile_s']:.1f} | {mem} |")
-        rows.append(dict(optimizer=s, env_steps_per_second=sps, ratio=sps / base, compile_s=c["compile_s"],
+        print(f"| {s} | {sps:,.0f} | {sps / base:.2f}x | {cpu_ratio:.2f}x | {c['compile_s']:.1f} | {mem} |")
+        rows.append(dict(optimizer=s, env_steps_per_second=sps, ratio=sps / base, cpu_ratio=cpu_ratio, cpu_times=c["cpu"], compile_s=c["compile_s"],
                          program_mb=c["program_mb"], times=c["times"]))
     peak = peak_memory_mb()
     print(f"process peak RSS {peak['host_peak_rss_mb']:.0f} MiB")
