@@ -141,6 +141,17 @@ PPO_SPACE = HParamSpace.from_dict({
     "vf_coef": (0.1, 1.0, "linear"),
 })
 
+# TD3 (agents/td3.py): one learning rate for actor and critics; noise scales in
+# normalised action units.
+TD3_SPACE = HParamSpace.from_dict({
+    "lr": (1e-5, 1e-2, "log"),
+    "gamma": (0.9, 0.9995, "log1m"),
+    "tau": (1e-3, 0.1, "log"),
+    "policy_noise": (0.05, 0.5, "linear"),
+    "noise_clip": (0.1, 1.0, "linear"),
+    "exploration_noise": (0.01, 0.5, "linear"),
+})
+
 # Learning-rate bounds by optimizer kind (the rest of the space is shared).
 LR_BOUNDS = {"kfac": (1e-3, 0.5), "diag_ggn": (1e-4, 0.3), "sgd": (1e-4, 1.0)}
 
@@ -864,7 +875,7 @@ def make_member_agents(agent_kind: str, env_name: str, groups: Sequence[Group], 
         if not td3_available():
             raise ValueError("--agent td3: agents/td3.py with make_td3, TD3Config and TD3HParams is not "
                              "available in this checkout; use --agent ppo")
-        agents, base, base_space, steps_per_update, num_updates = _td3_agents(env, env_params, groups,
+        agents, base, base_space, steps_per_update, num_updates = _td3_agents(env_name, env, env_params, groups,
                                                                               timesteps, **overrides)
     if space_names:
         base_space = base_space.restrict(space_names)
@@ -878,65 +889,22 @@ def make_member_agents(agent_kind: str, env_name: str, groups: Sequence[Group], 
     return agents, tuple(spaces), base, steps_per_update, num_updates
 
 
-def _td3_agents(env, env_params, groups, timesteps, **overrides):
-    """TD3 members (see agents/td3.py). Tuned: the fields of TD3HParams that
-    the default TD3 space knows."""
+def _td3_agents(env_name, env, env_params, groups, timesteps, **overrides):
+    """TD3 members (see agents/td3.py): the env family's preset with
+    ``overrides`` (``TD3Config`` fields). Target networks travel with the
+    weights on exploit (``pbt_copy_fields``); the replay buffer and env state
+    stay the member's own."""
     import learned_optim
     from agents import td3
 
-    cfg_fields = {f.name for f in dataclasses.fields(td3.TD3Config)}
-    unknown = set(overrides) - cfg_fields
-    if unknown:
-        raise ValueError(f"unknown TD3 setting(s) {sorted(unknown)}; allowed: {sorted(cfg_fields)}")
-    kw = dict(overrides)
-    if "total_timesteps" in cfg_fields:
-        kw["total_timesteps"] = int(timesteps)
-    cfg = td3.TD3Config(**kw)
-    base = td3.TD3HParams.default()
-    known = {
-        "lr": (1e-5, 1e-2, "log"), "actor_lr": (1e-5, 1e-2, "log"), "critic_lr": (1e-5, 1e-2, "log"),
-        "gamma": (0.9, 0.9995, "log1m"), "tau": (1e-3, 0.1, "log"),
-        "policy_noise": (0.05, 0.5, "linear"), "exploration_noise": (0.01, 0.5, "linear"),
-        "noise_clip": (0.1, 1.0, "linear"),
-    }
-    space = HParamSpace.from_dict({k: v for k, v in known.items() if k in base._fields})
+    cfg, hp = td3.resolve_config(env_name, total_timesteps=int(timesteps), **overrides)
+    base = td3.TD3HParams.default(**hp)
     agents = []
-    steps_per_update = int(getattr(cfg, "steps_per_update", getattr(cfg, "num_envs", 1)))
-    num_updates = int(getattr(cfg, "num_updates", max(1, int(timesteps) // max(steps_per_update, 1))))
     for g in groups:
         agent = td3.make_td3(cfg, env, env_params, learned_optim.from_spec(g.spec))
-        init_opt = getattr(agent, "init_opt", None) or agent.tx.init
-        # Target networks travel with the weights; the replay buffer and env
-        # state stay the member's own.
-        shape = jax.eval_shape(agent.init, jax.random.key(0), base)
-        init_opt = _matching_init_opt(init_opt, agent, shape)
-        extra = tuple(getattr(agent, "pbt_copy_fields", None) or
-                      (f for f in ("target_params", "targets", "target") if hasattr(shape, f)))
-        agents.append(MemberAgent(agent.init, agent.run, init_opt, steps_per_update,
-                                  ("params", "opt_state", "hparams") + extra))
-    return agents, base, space, steps_per_update, num_updates
-
-
-def _matching_init_opt(init_opt, agent, shape):
-    """An ``init_opt(params)`` whose output has the structure of ``shape.opt_state``:
-    the agent's own, or one ``tx.init`` per part of the params (separate actor
-    and critic optimizers)."""
-    want = jax.tree.structure(shape.opt_state)
-    try:
-        if jax.tree.structure(jax.eval_shape(init_opt, shape.params)) == want:
-            return init_opt
-    except Exception:  # noqa: BLE001 - try the per-part layout next
-        pass
-    if isinstance(shape.opt_state, dict) and set(shape.opt_state) <= set(shape.params):
-        parts = tuple(shape.opt_state)
-
-        def per_part(params):
-            return {k: agent.tx.init(params[k]) for k in parts}
-
-        if jax.tree.structure(jax.eval_shape(per_part, shape.params)) == want:
-            return per_part
-    raise ValueError("TD3 agent: cannot rebuild its optimizer state from params; give the agent an "
-                     "init_opt(params) -> opt_state")
+        agents.append(MemberAgent(agent.init, agent.run, agent.init_opt, cfg.steps_per_update,
+                                  ("params", "opt_state", "hparams") + tuple(agent.pbt_copy_fields)))
+    return agents, base, TD3_SPACE, cfg.steps_per_update, cfg.num_updates
 
 
 # ---------------------------------------------------------------------------

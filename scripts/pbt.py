@@ -5,6 +5,8 @@
     python scripts/pbt.py --algo gpbt --population 8 --timesteps 2e5 --out runs/gpbt
     python scripts/pbt.py --algo pbt --optimizers adam:6,kfac:2 --population 8
     python scripts/pbt.py --algo fixed ...                  # same population, fixed random hparams
+    python scripts/pbt.py --agent td3 --env Pendulum-v1 --optimizers adam:6,kfac:2 \
+        --timesteps 2e4 --interval 200 --window 1             # TD3; a round = one 200-step episode per env
 
 One jitted step = --interval agent updates of every member (vmapped) +
 selection. --timesteps are env steps per member. Writes to --out:
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--truncation-fraction", type=float, default=0.25)
     p.add_argument("--resample-prob", type=float, default=0.25)
     p.add_argument("--window", type=int, default=None, help="recent returns per member (default: --interval)")
-    p.add_argument("--num-envs", type=int, default=None, help="PPO envs per member")
+    p.add_argument("--num-envs", type=int, default=None, help="envs per member (PPO, TD3)")
     p.add_argument("--num-steps", type=int, default=None, help="PPO rollout length")
     p.add_argument("--out", default=None, help="output directory (default runs/pbt-ALGO-ENV)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

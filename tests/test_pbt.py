@@ -519,14 +519,38 @@ def test_script_bad_input(tmp_path, capsys):
         (["--agent", "sac"], "--agent"),
         (["--tune", "lr,momentum"], "momentum"),
         (["--resume"], "--resume"),
+        (["--agent", "td3"], "continuous"),  # CartPole's actions are discrete
+        (["--agent", "td3", "--env", "Pendulum-v1", "--num-steps", "8"], "num_steps"),
     ]
     for args, msg in cases:
         assert script.main(base + args) == 2, args
         err = capsys.readouterr().err
         assert msg in err and err.startswith("error:"), (args, err)
-    if not pbt.td3_available():
-        assert script.main(base + ["--agent", "td3", "--env", "Pendulum-v1"]) == 2
-        assert "td3" in capsys.readouterr().err
+    assert pbt.td3_available()
+
+
+def test_script_td3_mixed_adam_kfac_pendulum(tmp_path):
+    """scripts/pbt.py --agent td3 end to end: an adam:2,kfac:2 TD3 population
+    on Pendulum (the preset: training starts after 2000 env steps, so the last
+    400 of the 2400 train). Weights cross optimizer kinds, nothing diverges,
+    learning rates stay within each kind's bounds."""
+    out = str(tmp_path / "td3")
+    args = ["--algo", "pbt", "--agent", "td3", "--env", "Pendulum-v1", "--population", "4", "--optimizers",
+            "adam:2,kfac:2", "--interval", "25", "--timesteps", "2400", "--truncation-fraction", "0.5",
+            "--seed", "0", "--checkpoint-every", "100", "--out", out]
+    assert load_script().main(args) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["rounds"] == 24 and res["steps_per_update"] == 4 and res["timesteps_per_member"] == 2400
+    assert set(res["members"][0]["hparams"]) == {"lr", "gamma", "tau", "policy_noise", "noise_clip",
+                                                 "exploration_noise"}
+    kinds = [m["optimizer"] for m in res["members"]]
+    assert kinds == ["adam", "adam", "kfac", "kfac"] and res["diverged_members"] == 0
+    assert any(kinds[s] != kinds[m["member"]] for m in res["members"] for s in m["lineage"])
+    lr = {k: [v for m in res["members"] if m["optimizer"] == k for v in m["hparams"]["lr"]] for k in ("adam", "kfac")}
+    assert max(lr["adam"]) <= 1e-2 * 1.0001 and min(lr["kfac"]) >= pbt.LR_BOUNDS["kfac"][0] * 0.9999
+    # Pendulum returns are negative; every member finished episodes (12 rounds of 200-step episodes).
+    assert -2000 < res["final_return_mean"] < 0 and np.isfinite(res["final_return"]).all()
+    assert 0 <= res["selection_share"] < 0.5
 
 
 @pytest.mark.slow
