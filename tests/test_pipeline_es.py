@@ -85,24 +85,21 @@ def test_resume_is_bit_for_bit(trainer, tmp_path):
     and ages come back too; unit resets fall in both halves). A fresh process
     is covered by tests/test_meta_train_pipeline_script.py."""
     tr = trainer
-    run = tr.init()
-    full = []
-    for _ in range(4):
-        run, m = tr.generation_step(run)
-        full.append(np.asarray(m["fitness"]))
-    run2 = tr.init()
-    part = []
-    for _ in range(2):
-        run2, m = tr.generation_step(run2)
-        part.append(np.asarray(m["fitness"]))
+
+    def generations(run, n, fitness):
+        for _ in range(n):
+            run, m = tr.generation_step(run)
+            fitness.append(np.asarray(m["fitness"]))
+        return run
+
+    full, part = [], []
+    run = generations(tr.init(), 4, full)
+    run2 = generations(tr.init(), 2, part)
     checkpoint.save(str(tmp_path), 2, run2, {"config": {"c": 1}, "logs": []})
-    tr3 = tr
-    step, run3, _ = checkpoint.restore(str(tmp_path), tr3.init(), {"c": 1})
-    run3 = tr3.place(run3)
+    step, run3, _ = checkpoint.restore(str(tmp_path), tr.init(), {"c": 1})
+    run3 = tr.place(run3)
     assert step == 2 and int(run3.pipes[0].step) == 2
-    for _ in range(2):
-        run3, m = tr3.generation_step(run3)
-        part.append(np.asarray(m["fitness"]))
+    run3 = generations(run3, 2, part)
     for a, b in zip(_plain(run), _plain(run3)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.stack(full), np.stack(part))
