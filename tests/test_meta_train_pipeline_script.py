@@ -120,3 +120,19 @@ def test_end_to_end_and_resume_equals_uninterrupted(script, tiny, plot, tmp_path
     changed = [x if x != "3" else "5" for x in tiny]  # another reset interval
     out = run(script, *changed, "--generations", "5", "--final-seeds", "0", "--out", a, "--resume", timeout=300)
     assert out.returncode == 2 and "different config" in out.stderr, out.stderr[-2000:]
+
+
+def test_eval_a2c_bad_input_and_a_tiny_table(tmp_path, capsys):
+    import eval_a2c
+
+    assert eval_a2c.main(["--optimizers", "adam,nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nope" in err and err.count("\n") == 1, err
+    out = str(tmp_path / "e")
+    assert eval_a2c.main(["--envs", "Catch-bsuite", "--optimizers", "adam:lr=1e-2,sgd", "--seeds", "2",
+                          "--timesteps", "320", "--num-envs", "4", "--hidden", "8", "--out", out]) == 0
+    results = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert [(r["optimizer"], len(r["final_return"])) for r in results] == [("adam:lr=1e-2", 2), ("sgd", 2)]
+    assert [r["lr"] for r in results] == pytest.approx([1e-2, 3e-3])
+    assert all(-1.0 <= r["final_return_mean"] <= 1.0 for r in results)  # Catch returns lie in [-1, 1]
+    assert "| Catch-bsuite | adam:lr=1e-2 | 0.01 |" in open(os.path.join(out, "results.md")).read()
