@@ -5,6 +5,8 @@ and a JSON document (config, logs, generation). ``orbax``'s
 ``CheckpointManager`` writes each step to a temporary directory and renames it
 when complete, so an interrupted save never leaves a partial checkpoint
 behind. ``restore`` checks that the stored config equals the current one.
+Typed PRNG keys anywhere in the state are stored as their raw key data and
+come back as typed keys of the target's implementation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ class CheckpointError(ValueError):
     pass
 
 
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree, like):
+    return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+                        tree, like)
+
+
 def _manager(directory: str, max_to_keep: int = 2):
     import orbax.checkpoint as ocp
 
@@ -35,7 +50,7 @@ def save(directory: str, step: int, state: Any, document: Dict[str, Any]) -> Non
     import orbax.checkpoint as ocp
 
     mngr = _manager(directory)
-    state = jax.device_get(state)
+    state = jax.device_get(_keys_to_data(state))
     mngr.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), document=ocp.args.JsonSave(document)),
@@ -76,8 +91,10 @@ def restore(directory: str, target: Any, config: Dict[str, Any]) -> Tuple[int, A
                 f"checkpoint in {directory!r} was written with a different config (differs in: "
                 f"{', '.join(diff)}); use the same settings or a fresh --out directory"
             )
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), target)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                _keys_to_data(target))
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = _data_to_keys(state, target)
     except CheckpointError:
         raise
     except Exception as e:  # corrupted or incompatible files

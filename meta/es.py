@@ -169,18 +169,23 @@ class ESTrainer:
             )
         self.template = rule.init_meta_params(jax.random.key(config.seed))
         self.es, self.es_params = make_algorithm(config, self.template)
-        self.evaluate = make_evaluator(config, rule)
+        self.evaluate = self._make_evaluator()
         self.generation_step = jax.jit(self._generation)
+
+    def _make_evaluator(self):
+        return make_evaluator(self.config, self.rule)
 
     def init(self) -> ESRunState:
         key = jax.random.key(self.config.seed)
         k_init, k_run = jax.random.split(key)
+        return self.place(self._init_run(k_init, k_run))
+
+    def _init_run(self, k_init, k_run) -> ESRunState:
         es_state = self.es.init(k_init, self.template, self.es_params)
         # evosax starts some fields as Python scalars (weakly typed); make them
         # plain arrays so the jitted generation does not recompile after step 1.
         es_state = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), es_state)
-        run = ESRunState(es_state, jax.random.key_data(k_run), jnp.zeros((), jnp.int32))
-        return self.place(run)
+        return ESRunState(es_state, jax.random.key_data(k_run), jnp.zeros((), jnp.int32))
 
     def place(self, run: ESRunState) -> ESRunState:
         """Replicates the run state over the mesh, as the generation step returns it
@@ -199,37 +204,42 @@ class ESTrainer:
         key = jax.random.fold_in(jax.random.wrap_key_data(run.key), run.generation)
         k_ask, k_eval, k_tell = jax.random.split(key, 3)
         pop, es_state = self.es.ask(k_ask, run.es_state, self.es_params)
-        keys = jax.random.key_data(jax.random.split(k_eval, self.config.population))
-        returns = self._evaluate_population(pop, keys)  # [P, E, S]
+        returns, run, extra = self._evaluate_generation(run, pop, k_eval)  # returns [P, E, S]
         fitness, per_env, nans = self.fitness_from_returns(returns)
         es_state, _ = self.es.tell(k_tell, pop, -fitness, es_state, self.es_params)
-        metrics = dict(fitness=fitness, returns=per_env, nan_count=nans)
+        metrics = dict(fitness=fitness, returns=per_env, nan_count=nans, **extra)
         # Keep dtypes exactly as they came in (evosax's std schedule is weakly typed).
         es_state = jax.tree.map(lambda new, old: jnp.asarray(new, dtype=old.dtype), es_state, run.es_state)
-        return ESRunState(es_state, run.key, run.generation + 1), metrics
+        return run.replace(es_state=es_state, generation=run.generation + 1), metrics
 
-    def _evaluate_population(self, pop, key_data):
-        """Each device trains its own slice of the population (``shard_map``
-        over the ``"pop"`` axis): no communication inside the training loops,
-        one gather of the returns at the end."""
+    def _evaluate_generation(self, run: ESRunState, pop, key):
+        """Returns ``(returns [P, E, S], run, extra metrics)``. Here: every
+        candidate trains fresh agents from its own keys; ``run`` is unchanged."""
+        keys = jax.random.key_data(jax.random.split(key, self.config.population))
+        evaluate = lambda m, k, _: self.evaluate(m, jax.random.wrap_key_data(k))  # noqa: E731
+        return self._map_population(evaluate, pop, keys, ()), run, {}
+
+    def _map_population(self, fn, pop, member_args, shared):
+        """``fn(candidate, member_arg, shared)`` for every candidate, stacked on
+        a leading ``[P]`` axis. Each device runs its own slice of the population
+        (``shard_map`` over the ``"pop"`` axis; ``shared`` is replicated): no
+        communication inside the training loops, one gather at the end."""
 
         batch = self.config.member_batch
         if batch is None:
             batch = 8 if self.mesh.devices.flat[0].platform == "cpu" else None
 
-        def local(pop, key_data):
-            keys = jax.random.wrap_key_data(key_data)
-            n = key_data.shape[0]
+        def local(pop, member_args, shared):
+            n = jax.tree.leaves(pop)[0].shape[0]
             if batch is None or batch >= n:
-                return jax.vmap(self.evaluate)(pop, keys)
-            return jax.lax.map(lambda a: self.evaluate(*a), (pop, keys), batch_size=batch)
+                return jax.vmap(fn, (0, 0, None))(pop, member_args, shared)
+            return jax.lax.map(lambda a: fn(a[0], a[1], shared), (pop, member_args), batch_size=batch)
 
         spec = PartitionSpec("pop")
         # check_vma=False: the inner scans start from per-member constants (env
         # resets), which shard_map's replication checker would reject.
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
-            pop, key_data
-        )
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
+                             check_vma=False)(pop, member_args, shared)
 
     def mean_meta_params(self, run: ESRunState):
         return self.es.get_mean(run.es_state)

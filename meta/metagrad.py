@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agents.a2c import A2CConfig, A2CHParams, make_a2c
-from learned_optim import base
+from agents.a2c import A2CConfig, A2CHParams
 from meta.pipeline import PipelineConfig, PipelineState, make_pipeline
+from meta.units import make_a2c_units
 
 
 def unrolled_loss(meta_params, params, opt_state, make_tx: Callable, inner_grad: Callable,
@@ -76,38 +76,15 @@ def make_metagrad(config: MetaGradConfig, rule, env_pairs: Sequence[Tuple[Any, A
     ``learned_optim`` rule (e.g. ``rule_class("optim4rl")()``)."""
     if not env_pairs:
         raise ValueError("make_metagrad: env_pairs must name at least one env")
-    template_tx = rule.make_optimizer(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                   rule.meta_params_template()))
-    agents = tuple(make_a2c(a2c_config, env, p, template_tx) for env, p in env_pairs)
+    unit_fns = tuple(make_a2c_units(rule, env, p, a2c_config, hparams) for env, p in env_pairs)
+    agents = tuple(u.agent for u in unit_fns)
     meta_opt = optax.chain(optax.clip_by_global_norm(config.meta_grad_clip), optax.adam(config.meta_lr))
+    pipelines = tuple(make_pipeline(config.pipeline, u.init) for u in unit_fns)
 
-    def make_init_unit(agent):
-        def init_unit(key, meta_params):
-            st = agent.init(key, hparams)
-            tx = agent.wrap_tx(rule.make_optimizer(meta_params))
-            return st.replace(opt_state=tx.init(st.params))
-        return init_unit
-
-    pipelines = tuple(make_pipeline(config.pipeline, make_init_unit(a)) for a in agents)
-
-    def unit_loss(meta_params, unit, agent):
-        tx = agent.wrap_tx(rule.make_optimizer(meta_params))
-
-        def inner(st, _):
-            st, traj = agent.rollout(st)
-            key, k_opt = jax.random.split(st.key)
-            params, opt_state, aux = agent.update_with(st.params, st.opt_state, traj, st.obs, st.hparams, tx,
-                                                       st.update_step, k_opt)
-            n_done = traj["episode_done"].sum()
-            ret = jnp.sum(traj["episode_return"] * traj["episode_done"]) / jnp.maximum(n_done, 1)
-            last_return = jnp.where(n_done > 0, ret, st.last_return)
-            st = st.replace(params=params, opt_state=opt_state, key=key, update_step=st.update_step + 1,
-                            last_return=last_return)
-            return st, aux["entropy"]
-
-        st, _ = jax.lax.scan(inner, unit, None, config.num_inner)
-        st, traj = agent.rollout(st)  # fresh rollout for the meta-objective
-        loss, aux = agent.loss(st.params, traj, st.obs, st.hparams)
+    def unit_loss(meta_params, unit, u):
+        st, _ = u.run(unit, u.make_tx(meta_params), config.num_inner)
+        st, traj = u.agent.rollout(st)  # fresh rollout for the meta-objective
+        loss, aux = u.agent.loss(st.params, traj, st.obs, st.hparams)
         return loss, (jax.lax.stop_gradient(st), st.last_return)
 
     def init(key):
@@ -121,8 +98,8 @@ def make_metagrad(config: MetaGradConfig, rule, env_pairs: Sequence[Tuple[Any, A
 
         def total_loss(meta_params):
             losses, units, returns = [], [], []
-            for agent, ps in zip(agents, pipes):
-                l, (u, r) = jax.vmap(lambda unit: unit_loss(meta_params, unit, agent))(ps.units)
+            for fns, ps in zip(unit_fns, pipes):
+                l, (u, r) = jax.vmap(lambda unit: unit_loss(meta_params, unit, fns))(ps.units)
                 losses.append(l.mean())
                 units.append(u)
                 returns.append(r)
