@@ -31,8 +31,9 @@ from meta.report import device_description, fmt_eta, plot_curves, write_json
 # "this will take hours" warning (measured on the project's CI machine).
 CPU_STEPS_PER_SECOND = {"brax": 2_000, "minatar": 25_000, "classic": 60_000, "gridworld": 30_000}
 # Speed of an optimizer relative to Adam on CPU, for the same estimate (README
-# MinAtar table, 3e5 steps: kfac period 20 0.39x, diag_ggn 0.71x, OPEN 0.23x).
-CPU_SPEED_FACTOR = {"kfac": 0.4, "diag_ggn": 0.7, "open": 0.25, "open_large": 0.2}
+# MinAtar table, 3e5 steps, 2 seeds: kfac period 20 0.39x, diag_ggn 0.71x, OPEN 0.23x).
+# K-FAC with 3-10 vmapped members measured 0.1-0.25x of Adam (period 20, shared 2-core machine).
+CPU_SPEED_FACTOR = {"kfac": 0.15, "diag_ggn": 0.7, "open": 0.25, "open_large": 0.2}
 
 # Learning-rate grid used by --tune-lr when --lr-grid is not given: half-decade
 # steps around each optimizer's own default, two on either side.
@@ -86,6 +87,51 @@ def parse_lr_grid(text: str) -> LrGrid:
     if len(set(values)) != len(values):
         raise ValueError(f"--lr-grid {text!r} repeats a value")
     return LrGrid(tuple(values), relative[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class LrGrids:
+    """Grids per optimizer: ``by_name`` maps optimizer names (``lion``,
+    ``kfac``: the part of a spec before the colon) to their grid, ``default``
+    serves every other optimizer."""
+
+    default: LrGrid
+    by_name: Tuple[Tuple[str, LrGrid], ...] = ()
+
+    def for_spec(self, spec: str) -> LrGrid:
+        from learned_optim.spec import split_spec
+
+        return dict(self.by_name).get(split_spec(spec)[0], self.default)
+
+    def __str__(self) -> str:
+        return ";".join([str(self.default)] + [f"{n}={g}" for n, g in self.by_name])
+
+
+def parse_lr_grids(text: str) -> LrGrids:
+    """``--lr-grid``: one grid for every optimizer (``parse_lr_grid``), or
+    several separated by ``;``, each but one prefixed with the optimizer name
+    it is for: ``"3e-4,1e-3,3e-3;lion=3e-5,1e-4,3e-4;kfac=x0.3,x1,x3"``. The
+    unnamed grid (default ``DEFAULT_LR_GRID``) serves the other optimizers."""
+    from learned_optim.spec import known_optimizers
+
+    default, by_name = None, {}
+    for part in filter(None, (p.strip() for p in str(text).split(";"))):
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)", part)
+        if m is None:
+            if default is not None:
+                raise ValueError(f"--lr-grid {text!r} has two grids without an optimizer name; "
+                                 "write name=grid for all but one")
+            default = parse_lr_grid(part)
+            continue
+        name, grid = m.group(1).lower(), m.group(2)
+        if name not in known_optimizers():
+            raise ValueError(f"--lr-grid {text!r}: unknown optimizer {name!r}; known: {', '.join(known_optimizers())}")
+        if name in by_name:
+            raise ValueError(f"--lr-grid {text!r} gives two grids for {name!r}")
+        by_name[name] = parse_lr_grid(grid)
+    if default is None and not by_name:
+        parse_lr_grid(text)  # raises the "at least two values" error
+    return LrGrids(default or parse_lr_grid(DEFAULT_LR_GRID), tuple(by_name.items()))
 
 
 def select_lr(lrs: Sequence[float], returns, diverged=None) -> Dict:
@@ -163,10 +209,11 @@ class Cell:
 
 
 def make_cells(env_names: Sequence[str], specs: Sequence[str], seeds: int, timesteps: float,
-               lr: Optional[float] = None, seed: int = 0, lr_grid: Optional[LrGrid] = None,
+               lr: Optional[float] = None, seed: int = 0, lr_grid=None,
                tune_seeds: int = 2, tune_timesteps: Optional[float] = None) -> List[Cell]:
-    """One cell per (env, optimizer). With ``lr_grid`` every optimizer with an
-    injected learning rate gets its own resolved grid (a relative grid is
+    """One cell per (env, optimizer). With ``lr_grid`` (an ``LrGrid`` for
+    every optimizer, or ``LrGrids``) every optimizer with an injected
+    learning rate gets its own resolved grid (a relative grid is
     centred on the lr it would train with untuned: a spec's ``lr=``, the env
     preset's lr for Adam-family specs, else the optimizer's default); the
     others (OPEN with weights, ``lopt:``) stay untuned."""
@@ -175,6 +222,8 @@ def make_cells(env_names: Sequence[str], specs: Sequence[str], seeds: int, times
 
     if lr_grid is not None and lr is not None:
         raise ValueError("--lr and --tune-lr exclude each other (tuning picks the lr)")
+    if isinstance(lr_grid, LrGrid):
+        lr_grid = LrGrids(lr_grid)
     injectable = {s: default_learning_rate(s) is not None for s in specs} if lr_grid is not None else {}
     cells = []
     for e in env_names:
@@ -183,7 +232,7 @@ def make_cells(env_names: Sequence[str], specs: Sequence[str], seeds: int, times
                 cells.append(Cell(e, s, seeds, int(timesteps), lr, seed))
                 continue
             centre = hparams_for_spec(resolve_config(e)[1], s)["lr"]
-            grid = lr_grid.resolve(centre)
+            grid = lr_grid.for_spec(s).resolve(centre)
             if len(set(grid)) != len(grid):
                 raise ValueError(f"--lr-grid {lr_grid} gives repeated learning rates {grid} for {s!r} on {e}")
             cells.append(Cell(e, s, seeds, int(timesteps), None, seed, grid, int(tune_seeds),

@@ -29,7 +29,8 @@ the evaluation seeds train at it. --lr-grid gives absolute values
 (1e-4,3e-4,1e-3) or multipliers of each optimizer's default lr
 (x0.1,x0.3,x1,x3,x10, the default); the default is the lr the optimizer trains
 with untuned (the preset's lr for adam/adamw, else the optimizer's own or the
-spec's lr=). Optimizers without an injected lr (open:PATH.npy, lopt:DIR) run
+spec's lr=). Grids for single optimizers follow after ';' with their name:
+--lr-grid '3e-4,1e-3,3e-3,1e-2;lion=3e-5,1e-4,3e-4,1e-3;kfac=x0.3,x1,x3'. Optimizers without an injected lr (open:PATH.npy, lopt:DIR) run
 as they are; the table says so. Sweeps are written to DIR/cells/*.tune.json
 and reused on resume.
 
@@ -90,13 +91,15 @@ def parse_args(argv=None):
                    help="learning-rate sweep per (env, optimizer) before the evaluation seeds")
     p.add_argument("--lr-grid", default=None,
                    help=f"with --tune-lr: absolute lrs (1e-4,3e-4,1e-3) or multipliers of each optimizer's "
-                        f"default (default {benchmark_default_grid()})")
+                        f"default (default {benchmark_default_grid()}); per optimizer: "
+                        f"'3e-4,1e-3,3e-3;lion=3e-5,1e-4,3e-4;kfac=x0.3,x1,x3'")
     p.add_argument("--tune-seeds", type=int, default=None, help="with --tune-lr: tuning seeds per lr (default 2)")
     p.add_argument("--tune-timesteps", type=float, default=None,
                    help="with --tune-lr: env steps per tuning run (default: --timesteps)")
     p.add_argument("--reference", default=None, help="optimizer spec to normalise by (default: the first)")
     p.add_argument("--report-only", action="store_true",
                    help="write results from every finished cell in --out without training")
+    p.add_argument("--dry-run", action="store_true", help="print the cells, lr grids and cost estimate; train nothing")
     p.add_argument("--out", default="runs/benchmark")
     return p.parse_args(argv)
 
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--reference {reference!r} is not one of --optimizers {specs}")
         grid = None
         if a.tune_lr:
-            grid = benchmark.parse_lr_grid(a.lr_grid if a.lr_grid is not None else benchmark.DEFAULT_LR_GRID)
+            grid = benchmark.parse_lr_grids(a.lr_grid if a.lr_grid is not None else benchmark.DEFAULT_LR_GRID)
             a.tune_seeds = 2 if a.tune_seeds is None else a.tune_seeds
             if a.tune_seeds < 1:
                 raise ValueError(f"--tune-seeds must be >= 1, got {a.tune_seeds}")
@@ -139,6 +142,12 @@ def main(argv=None) -> int:
     warning = benchmark.cpu_budget_warning(cells)
     if warning:
         print(warning, flush=True)
+    import jax
+
+    if jax.devices()[0].platform == "cpu":
+        est = sum(benchmark.estimate_cpu_seconds(cells).values())
+        print(f"rough estimate: {est / 3600:.1f} h of one CPU core for training, plus about a minute of "
+              f"compilation per program ({sum(2 if c.tuned else 1 for c in cells)} programs)", flush=True)
     print(f"benchmark: {len(env_names)} env(s) x {len(specs)} optimizer(s), {a.seeds} seeds x "
           f"{int(a.timesteps):,} steps per cell; output in {a.out}", flush=True)
     for c in cells:
@@ -147,6 +156,8 @@ def main(argv=None) -> int:
                   f"({c.tune_seeds} tuning seeds x {c.tune_timesteps:,} steps each)", flush=True)
         elif grid is not None:
             print(f"  {c.env} | {c.optimizer}: no injected learning rate, run as it is", flush=True)
+    if a.dry_run:
+        return 0
     try:
         records = benchmark.run_cells(cells, a.out, log=lambda m: print(m, flush=True))
     except ValueError as e:

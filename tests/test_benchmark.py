@@ -120,6 +120,17 @@ def test_lr_grid_parsing_and_resolution():
                          ("1e-3,0.001", "repeats")]:
         with pytest.raises(ValueError, match=message):
             benchmark.parse_lr_grid(bad)
+    # per-optimizer grids after ';', by optimizer name; the unnamed one serves the rest
+    gs = benchmark.parse_lr_grids("3e-4,1e-3; lion=3e-5,1e-4 ;kfac=x0.3,x3")
+    assert gs.for_spec("adam").resolve(3e-3) == (3e-4, 1e-3)
+    assert gs.for_spec("lion").resolve(3e-5) == (3e-5, 1e-4)
+    assert gs.for_spec("kfac:period=20").resolve(0.05) == (0.015, 0.15)
+    assert str(benchmark.parse_lr_grids("lion=1e-4,1e-3").default) == benchmark.DEFAULT_LR_GRID
+    for bad, message in [("1e-3,2e-3;1e-4,2e-4", "two grids without an optimizer name"),
+                         ("adamm=1e-3,2e-3", "unknown optimizer 'adamm'"),
+                         ("lion=1e-4,1e-3;lion=1e-5,1e-4", "two grids for 'lion'"), ("lion=1e-4", "at least two")]:
+        with pytest.raises(ValueError, match=message):
+            benchmark.parse_lr_grids(bad)
 
 
 def test_make_cells_centres_grids_on_each_optimizers_default():
@@ -137,6 +148,9 @@ def test_make_cells_centres_grids_on_each_optimizers_default():
     assert c.tune_seeds == 2 and c.tune_timesteps == 50_000 and c.cost() == 3 * 100_000 + 3 * 2 * 50_000
     with pytest.raises(ValueError, match="--lr and --tune-lr"):
         benchmark.make_cells(["CartPole-v1"], ["adam"], 2, 1e4, lr=1e-3, lr_grid=grid)
+    cells = benchmark.make_cells(["CartPole-v1"], ["adam", "lion", "kfac:period=20"], 2, 1e4,
+                                 lr_grid=benchmark.parse_lr_grids("1e-4,1e-3;kfac=x0.5,x2"))
+    assert [c.lr_grid for c in cells] == [(1e-4, 1e-3), (1e-4, 1e-3), (0.025, 0.1)]
 
 
 def test_tuning_keys_are_disjoint_from_evaluation_keys():
@@ -226,6 +240,7 @@ def test_tuned_cells_pick_lr_write_it_and_resume(tmp_path):
     (["--lr-grid", "1e-3,3e-3"], "--lr-grid only works with --tune-lr"),
     (["--tune-lr", "--lr", "1e-3"], "--lr and --tune-lr exclude each other"),
     (["--tune-lr", "--tune-seeds", "0"], "--tune-seeds must be >= 1"),
+    (["--tune-lr", "--lr-grid", "1e-3,1e-2;adamm=1e-3,1e-2"], "unknown optimizer 'adamm'"),
 ])
 def test_bad_tuning_input_one_line_error(args, message, tmp_path):
     out = subprocess.run([sys.executable, SCRIPT, "--envs", "CartPole-v1", "--optimizers", "adam", *args,
@@ -257,3 +272,15 @@ def test_real_tiny_tuned_cell_end_to_end(tmp_path, capsys):
     assert "done earlier, skipped" in capsys.readouterr().out
     assert main(args[:6] + ["1e-6,1e-3"] + args[7:]) == 2  # a changed grid is refused
     assert "was run with settings" in capsys.readouterr().err
+
+
+def test_dry_run_prints_grids_and_trains_nothing(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--envs", "Breakout-MinAtar", "--optimizers",
+                          "adam,kfac,open", "--tune-lr", "--lr-grid", "1e-3,3e-3;kfac=x0.5,x2", "--seeds", "3",
+                          "--timesteps", "1e5", "--dry-run", "--out", str(tmp_path / "b")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Breakout-MinAtar | adam: lr sweep over 0.001, 0.003 (2 tuning seeds x 100,000 steps each)" in out.stdout
+    assert "Breakout-MinAtar | kfac: lr sweep over 0.025, 0.1" in out.stdout
+    assert "Breakout-MinAtar | open: no injected learning rate" in out.stdout and "rough estimate" in out.stdout
+    assert not os.path.exists(tmp_path / "b")
