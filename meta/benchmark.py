@@ -415,6 +415,32 @@ def _lr_fields(rec: Dict) -> Dict:
                 lr_at_edge=bool(tuning["at_edge"]) if tuning else None)
 
 
+def summary_markdown(table: Dict[str, List[Dict]], reference: str) -> List[str]:
+    """Two wide tables, optimizers x envs: final return mean ± s.e. with the
+    mean speed ratio to ``reference``, and the learning rate per cell."""
+    envs_ = list(table)
+    optimizers = list(dict.fromkeys(r["optimizer"] for rows in table.values() for r in rows))
+    # each optimizer at its earliest row position in any env (an env may lack some optimizers)
+    position = {o: min(i for rows in table.values() for i, r in enumerate(rows) if r["optimizer"] == o)
+                for o in optimizers}
+    optimizers.sort(key=lambda o: position[o])
+    cell = {(env, r["optimizer"]): r for env, rows in table.items() for r in rows}
+    short = [e.replace("-MinAtar", "") for e in envs_]
+    lines = ["## Summary", "", "| optimizer | " + " | ".join(short) + f" | speed vs {short_label(reference)} (mean) |",
+             "|---|" + "---:|" * (len(envs_) + 1)]
+    for opt in optimizers:
+        vals = [cell.get((e, opt)) for e in envs_]
+        ratios = [v["speed_ratio"] for v in vals if v is not None and v["speed_ratio"] is not None]
+        speed = f"{np.mean(ratios):.2f}x" if ratios else "n/a"
+        lines.append(f"| {short_label(opt)} | " + " | ".join(
+            f"{v['mean']:.2f} ± {v['stderr']:.2f}" if v else "–" for v in vals) + f" | {speed} |")
+    lines += ["", "| lr | " + " | ".join(short) + " |", "|---|" + "---:|" * len(envs_)]
+    for opt in optimizers:
+        lines.append(f"| {short_label(opt)} | "
+                     + " | ".join(_fmt_lr(cell[(e, opt)]) if (e, opt) in cell else "–" for e in envs_) + " |")
+    return lines + [""]
+
+
 def fmt_lr(lr: float) -> str:
     """``0.00075`` -> ``7.5e-4``, ``0.05`` -> ``5e-2`` (two significant digits)."""
     mantissa, exponent = f"{lr:.1e}".split("e")
@@ -460,6 +486,8 @@ def write_outputs(records: Sequence[Dict], out: str, reference: str) -> Dict[str
         lines += [f"Tuned learning rates: chosen on tuning seeds disjoint from the evaluation seeds by the "
                   f"{SELECTION_RULE}; the evaluation seeds then train at that lr. \"grid edge\": the choice "
                   "is the smallest or largest lr of its grid (the grid may be too narrow).", ""]
+    if len(table) > 1:
+        lines += summary_markdown(table, reference)
     for env, rows in table.items():
         lines += [f"## {env}", "",
                   "| optimizer | seeds | mean ± s.e. | IQM | normalised | lr | env steps/s | speed ratio |",

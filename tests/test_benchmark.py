@@ -50,6 +50,9 @@ def test_cells_resume_and_refuse_changed_settings(tmp_path):
     for f in ("results.json", "results.md", "aggregate.png", "curves_CartPole-v1.png", "curves_Catch-bsuite.png"):
         assert os.path.getsize(tmp_path / f) > 0
     assert len(json.load(open(tmp_path / "results.json"))["cells"]) == 4
+    md = open(tmp_path / "results.md").read()  # wide summary: optimizers x envs, speed vs the reference
+    assert "| optimizer | CartPole-v1 | Catch-bsuite | speed vs adam (mean) |" in md
+    assert "| sgd | " in md and " | 0.50x |" in md and "| lr | CartPole-v1 | Catch-bsuite |" in md
     with pytest.raises(ValueError, match="was run with settings"):
         benchmark.run_cells([benchmark.Cell("CartPole-v1", "adam", 3, 1000)], str(tmp_path),
                             train=_fake_train(calls), log=lambda m: None)
