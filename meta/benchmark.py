@@ -415,15 +415,20 @@ def _lr_fields(rec: Dict) -> Dict:
                 lr_at_edge=bool(tuning["at_edge"]) if tuning else None)
 
 
+def _optimizer_order(table: Dict[str, List[Dict]]) -> List[str]:
+    """Optimizers in table order: each at its earliest row position in any env
+    (an env may lack some optimizers), ties in order of first appearance."""
+    optimizers = list(dict.fromkeys(r["optimizer"] for rows in table.values() for r in rows))
+    position = {o: min(i for rows in table.values() for i, r in enumerate(rows) if r["optimizer"] == o)
+                for o in optimizers}
+    return sorted(optimizers, key=lambda o: position[o])
+
+
 def summary_markdown(table: Dict[str, List[Dict]], reference: str) -> List[str]:
     """Two wide tables, optimizers x envs: final return mean ± s.e. with the
     mean speed ratio to ``reference``, and the learning rate per cell."""
     envs_ = list(table)
-    optimizers = list(dict.fromkeys(r["optimizer"] for rows in table.values() for r in rows))
-    # each optimizer at its earliest row position in any env (an env may lack some optimizers)
-    position = {o: min(i for rows in table.values() for i, r in enumerate(rows) if r["optimizer"] == o)
-                for o in optimizers}
-    optimizers.sort(key=lambda o: position[o])
+    optimizers = _optimizer_order(table)
     cell = {(env, r["optimizer"]): r for env, rows in table.items() for r in rows}
     short = [e.replace("-MinAtar", "") for e in envs_]
     lines = ["## Summary", "", "| optimizer | " + " | ".join(short) + f" | speed vs {short_label(reference)} (mean) |",
@@ -573,10 +578,13 @@ def _aggregate_plot(records, table, reference, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    optimizers = list(dict.fromkeys(r["optimizer"] for r in records))
-    means, errs = [], []
+    optimizers = _optimizer_order(table)
+    means, errs, labels = [], [], []
     for opt in optimizers:
         vals = []
+        covered = sum(any(r["env"] == env and r["optimizer"] == opt for r in records) for env in table)
+        # an optimizer run on fewer envs than the others is averaged over those only: say so
+        labels.append(short_label(opt) + (f"\n({covered} of {len(table)} envs)" if covered < len(table) else ""))
         for env in table:
             ref = next((r for r in records if r["env"] == env and r["optimizer"] == reference), None)
             rec = next((r for r in records if r["env"] == env and r["optimizer"] == opt), None)
@@ -594,7 +602,8 @@ def _aggregate_plot(records, table, reference, path) -> None:
     fig, ax = plt.subplots(figsize=(7.0, 0.5 * len(optimizers) + 1.8))
     y = np.arange(len(optimizers))
     ax.errorbar(means, y, xerr=np.array(errs).T, fmt="o", capsize=4)
-    ax.set_yticks(y, [short_label(o) for o in optimizers])
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()  # first optimizer on top, as in the tables
     ax.set_xlabel(f"return / |{short_label(reference)} mean| per env\n(mean over envs and seeds, bootstrap 95% CI)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
