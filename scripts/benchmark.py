@@ -47,6 +47,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import envs  # noqa: E402  (sets safe XLA flags before JAX starts)
+import learned_optim.spec  # noqa: E402
 
 
 def benchmark_default_grid() -> str:
@@ -62,7 +63,7 @@ def _report_only(a) -> int:
 
     records = benchmark.load_records(a.out)
     envs_given = envs.expand_suites([e for e in a.envs.split(",") if e.strip()])
-    specs_given = [s.strip() for s in a.optimizers.split(",") if s.strip()]
+    specs_given = list(learned_optim.spec.split_spec_list(a.optimizers))
 
     def rank(x, order):
         return order.index(x) if x in order else len(order)
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             return 2
     try:
         env_names = envs.expand_suites([e for e in a.envs.split(",") if e.strip()])
-        specs = [s.strip() for s in a.optimizers.split(",") if s.strip()]
+        specs = list(learned_optim.spec.split_spec_list(a.optimizers))
         benchmark.check_inputs(env_names, specs, a.seeds, a.timesteps)
         reference = a.reference or specs[0]
         if reference not in specs:

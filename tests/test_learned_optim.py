@@ -264,3 +264,13 @@ def test_save_refuses_to_clobber_and_checks_shapes(tmp_path, saved):
         learned_optim.save(str(tmp_path / "pop"), rule, pop)
     with pytest.raises(ValueError, match="lopt:PATH"):
         learned_optim.from_spec("lopt:")
+
+
+def test_split_spec_list_keeps_a_specs_own_comma_settings():
+    from learned_optim.spec import split_spec_list
+
+    assert split_spec_list("adam, kfac:period=20,fperiod=2,diag_ggn,open:x.npy,lion:lr=1e-4,b1=0.9") == (
+        "adam", "kfac:period=20,fperiod=2", "diag_ggn", "open:x.npy", "lion:lr=1e-4,b1=0.9")
+    assert split_spec_list("adam,,sgd") == ("adam", "sgd")
+    # A key=value item with no spec before it is left alone (from_spec then rejects it clearly).
+    assert split_spec_list("lr=1e-3,adam") == ("lr=1e-3", "adam")
