@@ -171,6 +171,16 @@ def test_xla_flag_set_and_user_flag_respected():
     assert out.stdout.strip() == env["XLA_FLAGS"]
 
 
+def test_one_blas_thread_by_default_and_user_setting_respected():
+    code = "import os, envs; print(os.environ.get('OPENBLAS_NUM_THREADS'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
+    env["OPENBLAS_NUM_THREADS"] = "3"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "3", out.stderr[-2000:]
+
+
 def test_vmapped_population_does_not_deadlock_on_cpu():
     """Regression for the jaxlib CPU deadlock (DESIGN.md): a fresh process
     inits and trains a vmapped population of 4 with orthogonal init; it must
