@@ -38,11 +38,14 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="vmapped agents per optimizer")
     p.add_argument("--updates", type=int, default=8, help="PPO iterations per timed call")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (round robin over optimizers)")
+    p.add_argument("--curvature-batch-size", default=None,
+                   help="PPOConfig.curvature_batch_size: rows of each minibatch for K-FAC / diag_ggn statistics "
+                        "(default 256; 0 = all); a comma list times kfac / diag_ggn once per value")
     p.add_argument("--out", default=None, help="write the measurements as JSON here")
     return p.parse_args(argv)
 
 
-def build(env_name, spec, seeds, updates):
+def build(env_name, spec, seeds, updates, **overrides):
     import jax
     import jax.numpy as jnp
 
@@ -51,7 +54,7 @@ def build(env_name, spec, seeds, updates):
     from agents.experiment import resolve_config
     from agents.ppo import PPOHParams, make_ppo
 
-    config, hp = resolve_config(env_name)
+    config, hp = resolve_config(env_name, **overrides)
     env, env_params = envs.make(env_name)
     agent = make_ppo(config, env, env_params, learned_optim.from_spec(spec))
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,)), PPOHParams.default(**hp))
@@ -75,6 +78,14 @@ def main(argv=None) -> int:
 
     specs = list(learned_optim.spec.split_spec_list(a.optimizers))
     try:
+        rows = [None]
+        if a.curvature_batch_size is not None:
+            try:
+                rows = [int(r) for r in a.curvature_batch_size.split(",") if r.strip()]
+            except ValueError:
+                raise ValueError(f"--curvature-batch-size must be integers >= 0, got {a.curvature_batch_size!r}")
+            if not rows or min(rows) < 0:
+                raise ValueError(f"--curvature-batch-size must be integers >= 0, got {a.curvature_batch_size!r}")
         if a.env not in envs.known_envs():
             raise ValueError(f"unknown env {a.env!r}; known: {', '.join(envs.known_envs())}")
         for s in specs:
@@ -91,9 +102,15 @@ def main(argv=None) -> int:
     from meta.report import device_description, peak_memory_mb, write_json
 
     cells = {}
+    runs = []  # (label, spec, curvature rows)
     for s in specs:
-        print(f"compiling {s} ...", flush=True)
-        cells[s] = build(a.env, s, a.seeds, a.updates)
+        curvature = learned_optim.spec.split_spec(s)[0] in ("kfac", "diag_ggn")
+        for r in (rows if curvature else [None]):
+            runs.append((s if r is None else f"{s} [curvature rows {r}]", s, r))
+    for label, s, r in runs:
+        print(f"compiling {label} ...", flush=True)
+        cells[label] = build(a.env, s, a.seeds, a.updates, curvature_batch_size=r)
+    specs = [label for label, _, _ in runs]
     for r in range(a.repeats):
         for s in specs:
             c = cells[s]

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--minibatches", type=int, default=None)
     p.add_argument("--hidden", type=str, default=None, help="hidden sizes, e.g. 64,64")
     p.add_argument("--activation", default=None)
+    p.add_argument("--curvature-batch-size", type=int, default=None,
+                   help="rows of each minibatch that K-FAC / diag_ggn take curvature statistics from (0 = all; default 256)")
     p.add_argument("--out", default=None, help="output directory (default runs/train-ENV-OPT)")
     return p.parse_args(argv)
 
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             num_envs=args.num_envs, num_steps=args.num_steps, update_epochs=args.epochs,
             num_minibatches=args.minibatches, hidden_sizes=hidden, activation=args.activation,
             ent_coef=args.ent_coef, clip_eps=args.clip_eps, gamma=args.gamma,
-            gae_lambda=args.gae_lambda, vf_coef=args.vf_coef,
+            gae_lambda=args.gae_lambda, vf_coef=args.vf_coef, curvature_batch_size=args.curvature_batch_size,
         )
         hparams = hparams_for_spec(hparams, args.optimizer, args.lr)
         if args.seeds < 1:
