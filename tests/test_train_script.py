@@ -66,3 +66,20 @@ def test_learning_rate_precedence():
     assert hparams_for_spec(preset, "sgd")["lr"] == pytest.approx(0.01)
     assert hparams_for_spec(preset, "adamw")["lr"] == 2.5e-4
     assert hparams_for_spec(preset, "open")["lr"] == 2.5e-4  # no injected lr: unused
+
+
+def test_plot_runs_overlays_train_outputs_and_rejects_bad_input(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import plot_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "curve.csv").write_text("env_steps,seed0,seed1,mean,std\n10,1.0,2.0,1.5,0.5\n20,3.0,5.0,4.0,1.0\n")
+    (run / "results.json").write_text('{"final_return_mean": 4.0, "final_return": [3.0, 5.0]}')
+    out = str(tmp_path / "p.png")
+    assert plot_runs.main(["--runs", f"A={run}", "--out", out]) == 0
+    assert os.path.getsize(out) > 0 and "A: final return 4.0 per seed [3.0, 5.0]" in capsys.readouterr().out
+    assert plot_runs.main(["--runs", "nolabel", "--out", out]) == 2
+    assert plot_runs.main(["--runs", f"B={tmp_path / 'missing'}", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "expected LABEL=DIR" in err and "curve.csv not found" in err
