@@ -274,3 +274,22 @@ def test_split_spec_list_keeps_a_specs_own_comma_settings():
     assert split_spec_list("adam,,sgd") == ("adam", "sgd")
     # A key=value item with no spec before it is left alone (from_spec then rejects it clearly).
     assert split_spec_list("lr=1e-3,adam") == ("lr=1e-3", "adam")
+
+
+def test_shipped_meta_trained_rule_loads_and_steps():
+    """learned/optim4rl_catch_pipeline (a meta-trained Optim4RL) loads as an
+    optax transform and gives finite steps against the gradient's sign."""
+    import os
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    import learned_optim
+    from tests.conftest import ROOT
+
+    tx = learned_optim.from_spec("lopt:" + os.path.join(ROOT, "learned", "optim4rl_catch_pipeline"))
+    params = {"w": jnp.zeros((4, 3))}
+    grads = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3) + 0.05}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    u = np.asarray(updates["w"])
+    assert np.all(np.isfinite(u)) and np.all(np.sign(u) == -np.sign(np.asarray(grads["w"])))
