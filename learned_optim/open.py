@@ -237,7 +237,10 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
         # ``open_features`` is the per-tensor statement of the same computation.
         g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in g_leaves])
         p = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in p_leaves])
-        m = base.update_momenta(state.momenta.T, g, BETAS).T                  # [6, N]
+        # feature-major, like the state: updating through [N, 6] (base.update_momenta)
+        # cost two transposes of the momenta, ~13% of the step on CPU
+        b = jnp.asarray(BETAS, jnp.float32)[:, None]
+        m = b * state.momenta + (1.0 - b) * g[None]                            # [6, N]
         normalised = _normalised_features(p, g, m, spans)                    # [15, N]
         x = jnp.concatenate([
             normalised,
@@ -262,23 +265,23 @@ def _normalised_features(p: jax.Array, g: jax.Array, m: jax.Array, spans) -> jax
     """Features 0-14 (``[15, N]``), each divided per tensor by ``sqrt(1e-5 +
     mean(x**2))``; ``spans`` are the tensors' ``(start, end)`` element ranges.
 
-    Written per tensor from slices of the inputs, and the squares written
-    separately (``sign(x)**2 = [x != 0]``), so XLA computes the statistics
-    and the scaled features in two fused passes over ``p, g, m`` without
-    materialising the unscaled ``[15, N]`` block (~10% of OPEN's step on CPU)."""
-    def raw(a, b):
-        ma, ga = m[:, a:b], g[a:b]
-        return jnp.concatenate([p[None, a:b], jnp.sign(ma), jnp.log(jnp.abs(ma) + LOG_EPS),
-                                jnp.sign(ga)[None], jnp.log(jnp.abs(ga) + LOG_EPS)[None]], axis=0)
+    The log-magnitudes are computed once; the per-tensor scales are reduced
+    from slices (squares written separately, ``sign(x)**2 = [x != 0]``) and
+    broadcast back over each tensor's range, so the scaled block is written in
+    one pass over ``p, g, m`` (on CPU a little faster than scaling per tensor
+    and concatenating the pieces, which XLA copies once more)."""
+    logm = jnp.log(jnp.abs(m) + LOG_EPS)                                   # [6, N]
+    logg = jnp.log(jnp.abs(g) + LOG_EPS)[None]                             # [1, N]
+    raw = jnp.concatenate([p[None], jnp.sign(m), logm, jnp.sign(g)[None], logg], axis=0)
 
-    def squares(a, b):
-        ma, ga = m[:, a:b], g[a:b]
-        return jnp.concatenate([jnp.square(p[None, a:b]), (ma != 0).astype(jnp.float32),
-                                jnp.square(jnp.log(jnp.abs(ma) + LOG_EPS)), (ga != 0).astype(jnp.float32)[None],
-                                jnp.square(jnp.log(jnp.abs(ga) + LOG_EPS))[None]], axis=0)
+    def inv_rms(a, b):
+        squares = jnp.concatenate([jnp.square(p[None, a:b]), (m[:, a:b] != 0).astype(jnp.float32),
+                                   jnp.square(logm[:, a:b]), (g[None, a:b] != 0).astype(jnp.float32),
+                                   jnp.square(logg[:, a:b])], axis=0)
+        return jax.lax.rsqrt(1e-5 + jnp.mean(squares, axis=1, keepdims=True))   # [15, 1]
 
-    return jnp.concatenate([raw(a, b) * jax.lax.rsqrt(1e-5 + jnp.mean(squares(a, b), axis=1, keepdims=True))
-                            for a, b in spans], axis=1)
+    scale = jnp.concatenate([jnp.broadcast_to(inv_rms(a, b), (NUM_NORMALISED, b - a)) for a, b in spans], axis=1)
+    return raw * scale
 
 
 def _actor_noise(key: jax.Array, infos, spans) -> jax.Array:
