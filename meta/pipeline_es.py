@@ -34,7 +34,7 @@ for episodes to end (``window * num_steps`` env steps per unit).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,14 +71,18 @@ class PipelineESTrainer(ESTrainer):
     (its ``seeds`` and ``timesteps`` are not used)."""
 
     def __init__(self, config: ESConfig, rule, pipeline_config: PipelineESConfig, a2c_config: A2CConfig,
-                 hparams: A2CHParams, reference_returns: Optional[Sequence[float]] = None, mesh=None):
+                 hparams: A2CHParams, reference_returns: Optional[Sequence[float]] = None, mesh=None,
+                 env_overrides: Optional[Dict[str, Dict[str, Any]]] = None):
+        """``env_overrides``: env name -> ``envs.make`` overrides (e.g. ``scale_rewards``)."""
         self.pipeline_config, self.a2c_config, self.hparams = pipeline_config, a2c_config, hparams
+        self.env_overrides = dict(env_overrides or {})
         if reference_returns is None:
             reference_returns = [1.0] * len(config.envs)
         super().__init__(config, rule, reference_returns, mesh)
 
     def _make_evaluator(self):
-        self.units = tuple(make_a2c_units(self.rule, *envs.make(name), self.a2c_config, self.hparams)
+        self.units = tuple(make_a2c_units(self.rule, *envs.make(name, **self.env_overrides.get(name, {})),
+                                          self.a2c_config, self.hparams)
                            for name in self.config.envs)
         self.pipelines = tuple(make_pipeline(self.pipeline_config.pipeline, u.init) for u in self.units)
         return self.run_window

@@ -61,7 +61,7 @@ RULES = ("open", "open_large", "optim4rl", "mlp", "gru", "lstm")
 METHODS = ("es", "metagrad")
 
 _PIPELINE = dict(rule="optim4rl", pipeline_units=4, no_pipeline=False, agent_lr=3e-3, gamma=0.99, num_envs=8,
-                 num_steps=10, hidden=32, eval_timesteps=None)
+                 num_steps=10, hidden=32, eval_timesteps=None, scale_rewards=False)
 _ES = dict(algorithm="Open_ES", population=8, sigma=0.1, lr=0.05, no_antithetic=False, reference_returns=None)
 # Per mode: every flag it accepts and its default there (None where the value is derived).
 MODE_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     g.add_argument("--num-envs", type=int, default=None, help="A2C envs per unit (default 8)")
     g.add_argument("--num-steps", type=int, default=None, help="A2C rollout length (default 10)")
     g.add_argument("--hidden", type=int, default=None, help="A2C hidden width, one layer (default 32)")
+    g.add_argument("--scale-rewards", action="store_true", default=None,
+                   help="meta-train on gridworlds with Optim4RL's per-grid reward scaling (Gridworld.reward_scale; "
+                        "logged unit returns are then scaled too); the final comparison uses the raw rewards")
     g.add_argument("--eval-timesteps", type=float, default=None,
                    help="A2C env steps per seed in the final comparison (default: one unit lifetime)")
     g = p.add_argument_group("meta-gradients (--method metagrad)")
@@ -165,6 +168,7 @@ class Plan(NamedTuple):
     metagrad: Any = None  # meta.metagrad.MetaGradConfig
     a2c: Any = None  # agents.a2c.A2CConfig of the units (total_timesteps = one unit lifetime)
     hparams: Any = None  # agents.a2c.A2CHParams
+    env_overrides: Any = None  # env name -> envs.make overrides for meta-training (pipeline modes)
 
 
 def build(args) -> Plan:
@@ -232,13 +236,26 @@ def pipeline_plan(args, mode):
     rollouts = args.inner_steps + (mode == "metagrad")
     a2c = A2CConfig(num_envs=args.num_envs, num_steps=args.num_steps, hidden_sizes=(args.hidden,))
     a2c = dataclasses.replace(a2c, total_timesteps=lifetime_env_steps(args.reset_interval, rollouts, a2c))
-    out = dict(a2c=a2c, hparams=A2CHParams.default(lr=args.agent_lr, gamma=args.gamma))
+    out = dict(a2c=a2c, hparams=A2CHParams.default(lr=args.agent_lr, gamma=args.gamma),
+               env_overrides=env_overrides(args, envs.expand_suites(args.envs)))
     if mode == "metagrad":
         out["metagrad"] = MetaGradConfig(num_inner=args.inner_steps, meta_lr=args.meta_lr,
                                          meta_grad_clip=args.meta_grad_clip, pipeline=pipe)
     else:
         out["pipeline_es"] = PipelineESConfig(pipeline=pipe, window=args.inner_steps)
     return out
+
+
+def env_overrides(args, names) -> Dict[str, Dict[str, Any]]:
+    """``envs.make`` overrides per env for meta-training: ``--scale-rewards``
+    turns on the reward scaling of every gridworld among ``names``."""
+    if not args.scale_rewards:
+        return {}
+    grids = [n for n in names if n in envs.GRIDWORLD_ENVS]
+    if not grids:
+        raise ValueError(f"--scale-rewards applies to gridworld envs ({', '.join(envs.GRIDWORLD_ENVS)}); "
+                         f"none among {', '.join(names)}")
+    return {n: dict(scale_rewards=True) for n in grids}
 
 
 def config_document(config, rule_name):
@@ -255,6 +272,8 @@ def plan_document(plan: Plan, args) -> Dict[str, Any]:
         return config_document(plan.es, args.rule)  # unchanged, so older checkpoints still resume
     d = dict(method=plan.mode, rule=args.rule, envs=list(plan.envs), a2c=dataclasses.asdict(plan.a2c),
              hparams={k: float(v) for k, v in plan.hparams._asdict().items()})
+    if plan.env_overrides:  # only when set, so checkpoints of earlier runs still resume
+        d["env_overrides"] = plan.env_overrides
     if plan.mode == "metagrad":
         d["metagrad"] = dataclasses.asdict(plan.metagrad)
     else:
@@ -359,7 +378,8 @@ def es_driver(plan: Plan, refs, args) -> Driver:
     else:
         from meta.pipeline_es import PipelineESTrainer
 
-        trainer = PipelineESTrainer(plan.es, plan.rule, plan.pipeline_es, plan.a2c, plan.hparams, refs)
+        trainer = PipelineESTrainer(plan.es, plan.rule, plan.pipeline_es, plan.a2c, plan.hparams, refs,
+                                    env_overrides=plan.env_overrides)
         steps_per_gen = trainer.env_steps_per_generation()
         pc = plan.pipeline_es.pipeline
         what = (f"{pc.num_units} pipeline units x {len(plan.es.envs)} env(s) {list(plan.es.envs)}, "
@@ -413,7 +433,8 @@ def metagrad_driver(plan: Plan, args) -> Driver:
     from meta.metagrad import make_metagrad
 
     cfg = plan.metagrad
-    trainer = make_metagrad(cfg, plan.rule, [envs.make(n) for n in plan.envs], plan.a2c, plan.hparams)
+    trainer = make_metagrad(cfg, plan.rule, [envs.make(n, **plan.env_overrides.get(n, {})) for n in plan.envs],
+                            plan.a2c, plan.hparams)
     n_env = len(plan.envs)
     steps = n_env * cfg.pipeline.num_units * (cfg.num_inner + 1) * plan.a2c.batch_size
     step_jit = jax.jit(trainer.step)
@@ -584,7 +605,9 @@ def compare_a2c_with_adam(out, plan: Plan, args, say):
                 f"{'on (staggered)' if pc.staggered else 'off (all units reset together)'}, "
                 f"{args.generations} outer steps.\n\nA2C ({a2c.num_envs} envs x {a2c.num_steps} steps, hidden "
                 f"{a2c.hidden_sizes}), {args.final_seeds} seeds, {steps:,d} env steps per agent, agent lr "
-                f"{float(plan.hparams.lr):g} for both.\n\n" + "\n".join(lines) + "\n")
+                f"{float(plan.hparams.lr):g} for both"
+                + (", meta-trained with scaled rewards, compared on the raw rewards" if plan.env_overrides else "")
+                + ".\n\n" + "\n".join(lines) + "\n")
     plot_curves(os.path.join(out, "comparison.png"), curves, title="learned optimizer vs Adam (A2C)")
 
 

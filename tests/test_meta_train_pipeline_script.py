@@ -41,12 +41,28 @@ TINY_ES = ["--method", "es", "--pipeline-units", "2", "--reset-interval", "3", "
         (["--method", "metagrad", "--eval-timesteps", "10"], "--eval-timesteps must be at least one A2C update"),
         (["--pipeline-units", "2", "--population", "5"], "odd; antithetic"),
         (["--method", "metagrad", "--resume"], "no checkpoint found"),
+        (["--method", "metagrad", "--scale-rewards"], "--scale-rewards applies to gridworld envs"),
+        (["--scale-rewards"], "--scale-rewards does not apply to ES over whole lifetimes"),
     ],
 )
 def test_bad_arguments_give_one_error_line(args, message, tmp_path, capsys):
     assert meta_train.main([*args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1, err
+
+
+def test_scale_rewards_reaches_the_meta_training_envs_only():
+    args = meta_train.parse_args(["--method", "metagrad", "--envs", "Catch-bsuite,gridworld/small_dense_short",
+                                  "--scale-rewards"])
+    plan = meta_train.build(args)
+    assert plan.env_overrides == {"gridworld/small_dense_short": {"scale_rewards": True}}
+    assert meta_train.plan_document(plan, args)["env_overrides"] == plan.env_overrides
+    # without the flag the document is as before, so earlier checkpoints still resume
+    plain = meta_train.parse_args(["--method", "metagrad", "--envs", "gridworld/small_dense_short"])
+    assert "env_overrides" not in meta_train.plan_document(meta_train.build(plain), plain)
+    import envs
+    env, _ = envs.make("gridworld/small_dense_short", **plan.env_overrides["gridworld/small_dense_short"])
+    assert env.unwrapped.scale_rewards and env.unwrapped.reward_scale == 100.0
 
 
 def test_alias_translates_its_flags():
