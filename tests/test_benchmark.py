@@ -72,6 +72,7 @@ def test_bad_input_one_line_error(args, message, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # the tuned-cell end-to-end test covers the same outputs
 def test_real_tiny_benchmark_end_to_end(tmp_path):
     from scripts.benchmark import main
 
@@ -266,6 +267,8 @@ def test_real_tiny_tuned_cell_end_to_end(tmp_path, capsys):
     # lr 1e-6 leaves the policy random (CartPole about 22); 3e-3 learns within 8192 steps
     assert t["mean_return"][0] < 35 and t["mean_return"][1] > 60, t["mean_return"]
     assert t["chosen_lr"] == 3e-3 and cell["hparams"]["lr"] == pytest.approx(3e-3)
+    assert len(cell["final_return"]) == 2 and np.all(np.isfinite(cell["final_return"]))
+    assert cell["env_steps_per_second"] > 0 and cell["device"].startswith("cpu")
     assert res["lr_tuning"]["CartPole-v1"]["adam"]["chosen_lr"] == 3e-3
     # evaluation seeds are not the tuning seeds: different runs, different returns
     assert not np.allclose(sorted(cell["final_return"]), sorted(t["final_return"][1]))

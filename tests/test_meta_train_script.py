@@ -43,6 +43,7 @@ def _rows(path):
     return [(r["generation"], r["fitness_mean"], r["fitness_max"], r["fitness_min"]) for r in rows]
 
 
+@pytest.mark.slow  # ES resume is also checked in-process (test_es.py) and the script's resume path by the metagrad end-to-end test
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     out = run(*TINY, "--generations", "3", "--out", a)

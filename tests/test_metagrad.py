@@ -63,6 +63,7 @@ def test_metagrad_deterministic_and_finite():
     np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
 
 
+@pytest.mark.slow  # a longer learning check (~50 s on 2 cores)
 def test_short_optim4rl_metagrad_run_improves_catch():
     """300 meta-steps (K=4, 4 staggered units) on Catch: an A2C trained with the
     learned rule goes from near-random to clearly better final return."""

@@ -529,6 +529,7 @@ def test_script_bad_input(tmp_path, capsys):
     assert pbt.td3_available()
 
 
+@pytest.mark.slow  # the TD3 adapter across optimizer kinds is tested in test_td3.py, the script by test_script_tiny_cartpole
 def test_script_td3_mixed_adam_kfac_pendulum(tmp_path):
     """scripts/pbt.py --agent td3 end to end: an adam:2,kfac:2 TD3 population
     on Pendulum (the preset: training starts after 2000 env steps, so the last

@@ -106,6 +106,7 @@ def test_resume_is_bit_for_bit(trainer, tmp_path):
     assert np.ptp(np.stack(full)) > 0  # fitness moved, so a mix-up would show
 
 
+@pytest.mark.slow  # a longer learning check
 def test_es_on_units_raises_the_learning_rate():
     """CartPole: Adam at lr 1e-4 barely changes the policy within a unit's
     window; larger learning rates make episodes longer within a few updates, so
