@@ -26,6 +26,7 @@ def test_bad_input_one_error_line(args, message, capsys):
     assert err.startswith("error:") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # ~35 s; the script's input checks stay in the default suite, its timing loop is the benchmark itself
 def test_tiny_run_rows_and_ratios(tmp_path, capsys):
     out = str(tmp_path / "speed.json")
     assert speed.main(["--env", "CartPole-v1", "--optimizers", "adam,diag_ggn", "--curvature-batch-size", "16",

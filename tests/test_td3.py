@@ -278,7 +278,8 @@ def test_layer_stats_and_context_reach_both_parts(pendulum):
     assert int(a["g_rows"]) == 8 and float(a["g_norm"]) > 0 and float(c["g_norm"]) > 0
 
 
-@pytest.mark.parametrize("spec", ["kfac", "diag_ggn"])
+# diag_ggn shares the statistics path with kfac and is vmapped over members in test_kfac.py
+@pytest.mark.parametrize("spec", ["kfac", pytest.param("diag_ggn", marks=pytest.mark.slow)])
 def test_curvature_optimizers_run_finite_in_a_vmapped_population(pendulum, spec):
     env, p = pendulum
     cfg = dataclasses.replace(TINY, learning_starts=16, total_timesteps=2 * 30)
