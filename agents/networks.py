@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from envs._platform import one_matrix_at_a_time
+
 STATS_SUFFIX = "_stats"  # collection entries can't reuse the submodule's own name
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -27,30 +29,21 @@ def orthogonal(scale: float = 1.0):
     """``flax.linen.initializers.orthogonal(scale)`` whose QR never runs batched.
 
     Under ``jax.vmap`` (a population, seeds) flax's initializer becomes one
-    batched LAPACK QR, which jaxlib parallelises over the batch on the same
-    thread pool that runs the XLA program. On small CPUs, and whenever several
-    (fake) devices run such programs at once (``shard_map`` over a ``"pop"``
-    mesh), every pool thread can end up waiting inside a QR for work queued
-    behind it: the program hangs with no error. Here a vmapped init maps the
-    QR over the batch one matrix at a time (``lax.map``), which gives the same
-    matrices and costs nothing that matters (it runs once, at init)."""
+    batched LAPACK QR, which can hang jaxlib 0.10's CPU thread pool
+    (``envs._platform.one_matrix_at_a_time`` says how). Here a vmapped init
+    maps the QR over the batch one matrix at a time (``lax.map``), which gives
+    the same matrices and costs nothing that matters (it runs once, at init)."""
     base = nn.initializers.orthogonal(scale)
 
     def init(key, shape, dtype=jnp.float32):
         typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
         impl = jax.random.key_impl(key) if typed else None
 
-        @jax.custom_batching.custom_vmap
         def one(key_data):
             k = jax.random.wrap_key_data(key_data, impl=impl) if typed else key_data
             return base(k, shape, dtype)
 
-        @one.def_vmap
-        def _mapped(axis_size, in_batched, key_data):
-            del axis_size, in_batched
-            return jax.lax.map(one, key_data), True
-
-        return one(jax.random.key_data(key) if typed else key)
+        return one_matrix_at_a_time(one)(jax.random.key_data(key) if typed else key)
 
     return init
 

@@ -8,9 +8,19 @@ that scheduler off avoids it.  We add the flag only when the user has not set
 it themselves, and only while the backend has not started yet (XLA reads
 ``XLA_FLAGS`` once, at backend initialisation).
 
-The agents also avoid the batched QR itself (``agents.networks.orthogonal``
-maps it over the batch), which removes the same hang on several (fake)
-devices, where this flag alone does not help.
+Batched LAPACK. Every jaxlib 0.10.x CPU LAPACK kernel (``qr``, ``eigh``,
+``cholesky``, triangular solves, ...) splits a batch of matrices over XLA's
+intra-op thread pool and blocks until the pieces finish. Under ``jax.vmap``
+(a population, seeds, a grid) a call becomes batched, and when several such
+calls run at once -- one per (fake) device under ``shard_map``, or several
+independent ones in one program -- every pool thread can end up waiting for
+pieces queued behind it: the program hangs with no error (seen: PB2's
+Cholesky on 4 fake CPU devices, 2 of 20 runs on a busy 2-core machine; the
+orthogonal initializer's QR). The scheduler flag does not help there.
+``one_matrix_at_a_time`` wraps such a function so that under ``vmap`` it
+runs over the batch with ``lax.map``, one unbatched matrix per call, which
+takes the blocking path out. All of the project's LAPACK calls go through
+it (``agents.networks.orthogonal``, K-FAC's ``eigh``, PB2's GP).
 
 LAPACK threads. JAX's CPU linear algebra (``eigh``, ``qr``, ``cholesky``)
 calls the OpenBLAS that scipy bundles, whose worker threads spin while they
@@ -65,6 +75,38 @@ def apply_safe_xla_defaults() -> bool:
         return False
     os.environ["XLA_FLAGS"] = (flags + " " + SAFE_CPU_FLAG).strip()
     return True
+
+
+def one_matrix_at_a_time(fn):
+    """``fn`` (a function of arrays), whose ``jax.vmap`` is a ``lax.map``.
+
+    Same values as ``fn``; under ``vmap`` each call gets one element of the
+    batched arguments (unbatched arguments are passed as they are), so a
+    LAPACK kernel inside never sees a batch (see the module docstring).
+    Nested ``vmap`` nests the maps. Not differentiable (``custom_vmap``); the
+    project only calls it on values it does not differentiate.
+    """
+    import jax  # here, not at the top: this module must run before JAX loads
+
+    @jax.custom_batching.custom_vmap
+    def wrapped(*args):
+        return fn(*args)
+
+    @wrapped.def_vmap
+    def _mapped(axis_size, in_batched, *args):
+        del axis_size
+        flat, tree = jax.tree.flatten(args)
+        flags = jax.tree.leaves(in_batched)
+
+        def one(batched):
+            it = iter(batched)
+            full = [next(it) if b else x for x, b in zip(flat, flags)]
+            return wrapped(*jax.tree.unflatten(tree, full))
+
+        out = jax.lax.map(one, [x for x, b in zip(flat, flags) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
 
 
 def apply_blas_thread_default() -> None:

@@ -102,6 +102,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from envs._platform import one_matrix_at_a_time
 from learned_optim import curvature as cv
 from learned_optim.context import any_member
 
@@ -159,8 +160,11 @@ def _init_layer(node: Any) -> KFACLayerState:
     )
 
 
+_eigh = one_matrix_at_a_time(lambda m: tuple(jnp.linalg.eigh(m)))
+
+
 def _safe_eigh(matrix: jax.Array):
-    vals, vecs = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+    vals, vecs = _eigh(0.5 * (matrix + matrix.T))
     return vals, vecs, cv.all_finite(vals, vecs)
 
 
@@ -179,12 +183,14 @@ def _refresh(layers):
     """Eigendecomposes every layer's current factor estimates; keeps the old
     decomposition where the new one is not finite. Returns (layers, failures).
 
-    The eigendecompositions are chained one after another (``_after``). jaxlib's CPU
-    LAPACK kernels split a batched (vmapped) eigh over XLA's intra-op thread
-    pool and block until the pieces finish; several of them running at once
-    inside a ``lax.cond`` branch can block every pool thread and hang forever
-    on a 2-core machine (seen with PPO on CartPole). The matrices are small,
-    so running them in sequence costs little.
+    jaxlib's CPU LAPACK kernels split a batched (vmapped) eigh over XLA's
+    intra-op thread pool and block until the pieces finish; several of them
+    running at once (inside a ``lax.cond`` branch, or one per device) can
+    block every pool thread and hang forever on a 2-core machine (seen with
+    PPO on CartPole). So a vmapped population runs each eigh one matrix at a
+    time (``_eigh``, ``envs._platform.one_matrix_at_a_time``), and the layers'
+    eigendecompositions are chained one after another (``_after``). The
+    matrices are small, so running them in sequence costs little.
     """
     out, failed, previous = [], [], None
     for ls in layers:

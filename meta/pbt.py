@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from envs._platform import one_matrix_at_a_time
+
 ALGOS = ("pbt", "gpbt", "pb2", "fixed")
 EXPLOITS = ("truncation", "ttest", "tournament")
 EXPLORES = ("perturb", "resample")
@@ -429,13 +431,22 @@ def tv_kernel(t1, x1, t2, x2, lengthscale, eps):
     return jnp.exp(-0.5 * d2 / lengthscale ** 2) * jnp.exp(0.5 * dt * jnp.log1p(-eps))
 
 
+# jaxlib 0.10's batched CPU LAPACK can hang when several devices run it at
+# once (envs._platform); the hyperparameter grid below is vmapped, and a PB2
+# step may itself be vmapped or sharded, so every factorisation and solve runs
+# one matrix at a time.
+_cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
+_cho_solve = one_matrix_at_a_time(lambda chol, b: jax.scipy.linalg.cho_solve((chol, True), b))
+_solve_lower = one_matrix_at_a_time(lambda chol, b: jax.scipy.linalg.solve_triangular(chol, b, lower=True))
+
+
 def _gp_parts(t, x, y, valid, lengthscale, eps, noise):
     m = valid[:, None] & valid[None, :]
     k = jnp.where(m, tv_kernel(t, x, t, x, lengthscale, eps), 0.0)
     k = k + jnp.diag(jnp.where(valid, noise, 1.0))
-    chol = jnp.linalg.cholesky(k)
+    chol = _cholesky(k)
     yv = jnp.where(valid, y, 0.0)
-    alpha = jax.scipy.linalg.cho_solve((chol, True), yv)
+    alpha = _cho_solve(chol, yv)
     return chol, alpha, yv
 
 
@@ -489,9 +500,9 @@ def pb2_propose(key, data: PB2Data, t_next, replaced, u_default, num_candidates:
         m = v_all[:, None] & v_all[None, :]
         kk = jnp.where(m, tv_kernel(t_all, x_all, t_all, x_all, ls, eps), 0.0) + jnp.diag(
             jnp.where(v_all, noise, 1.0))
-        chol = jnp.linalg.cholesky(kk)
+        chol = _cholesky(kk)
         ks = jnp.where(v_all[None, :], tv_kernel(tc, cand, t_all, x_all, ls, eps), 0.0)
-        w = jax.scipy.linalg.solve_triangular(chol, ks.T, lower=True)
+        w = _solve_lower(chol, ks.T)
         var = jnp.maximum(1.0 - jnp.sum(w ** 2, 0), 1e-12)
         ucb = mu + kappa * jnp.sqrt(var)
         choice = cand[jnp.argmax(ucb)]

@@ -1,0 +1,94 @@
+"""No batched LAPACK call in the compiled programs (envs._platform).
+
+jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over XLA's thread
+pool and block on the pieces; several such calls at once (one per fake
+device) can hang forever. The hang is rare (2 of 20 runs of the sharded PB2
+check on a busy 2-core machine), so a timing test cannot show it is gone.
+These tests read the compiled HLO instead: every LAPACK custom call must get
+a single matrix, however the caller vmaps.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import envs  # noqa: F401
+from agents.networks import orthogonal
+from envs._platform import one_matrix_at_a_time
+from learned_optim.context import set_hyperparam
+from learned_optim.kfac import kfac
+from meta import pbt
+from tests.test_kfac import batch, grads_like, hand_stats, make_params
+from tests.test_pbt import toy_pbt, TOY_SPACE
+
+# e.g. ``custom-call(%x), custom_call_target="lapack_spotrf_ffi", operand_layout_constraints={f32[3,4,4]{1,2,0}}``
+_LAPACK_CALL = re.compile(r'custom_call_target="(lapack_\w+)", operand_layout_constraints=\{\w+\[([\d,]*)\]')
+
+
+def lapack_calls(fn, *args):
+    """(target, first operand shape) of every LAPACK custom call ``jit(fn)`` compiles to."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text.count('custom_call_target="lapack_') == len(_LAPACK_CALL.findall(text)), "HLO format changed"
+    return [(target, tuple(int(d) for d in dims.split(",") if d)) for target, dims in _LAPACK_CALL.findall(text)]
+
+
+def assert_unbatched(calls, expected_targets):
+    assert {t for t, _ in calls} >= set(expected_targets), calls
+    batched = [(t, s) for t, s in calls if len(s) > 2]
+    assert not batched, f"batched LAPACK calls (can hang jaxlib 0.10 on CPU): {batched}"
+
+
+def test_plain_vmap_is_batched_so_the_check_can_fail():
+    calls = lapack_calls(jax.vmap(jnp.linalg.cholesky), jnp.broadcast_to(jnp.eye(4), (3, 4, 4)))
+    assert calls == [("lapack_spotrf_ffi", (3, 4, 4))]
+
+
+def test_one_matrix_at_a_time_same_values_under_nested_and_partial_vmap():
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (2, 3, 5, 5))
+    spd = a @ jnp.swapaxes(a, -1, -2) + 5 * jnp.eye(5)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (5, 2))
+    solve = lambda c, y: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(c), True), y)  # noqa: E731
+    ours = one_matrix_at_a_time(solve)
+    nested = lambda f: jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, None))  # noqa: E731
+    np.testing.assert_allclose(jax.jit(nested(ours))(spd, b), jax.jit(nested(solve))(spd, b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours(spd[0, 0], b), solve(spd[0, 0], b), rtol=1e-6)
+    assert_unbatched(lapack_calls(nested(ours), spd, b), ["lapack_spotrf_ffi", "lapack_strsm_ffi"])
+    # Tuple outputs (eigh) and a batched second argument only.
+    eig = one_matrix_at_a_time(lambda m: tuple(jnp.linalg.eigh(m)))
+    vals, vecs = jax.vmap(eig)(spd[0])
+    np.testing.assert_allclose(vals, jnp.linalg.eigh(spd[0])[0], rtol=1e-5)
+    bb = jnp.stack([b, 2 * b])
+    np.testing.assert_allclose(jax.vmap(ours, in_axes=(None, 0))(spd[0, 0], bb)[1], 2 * solve(spd[0, 0], b), rtol=1e-5)
+
+
+def test_vmapped_orthogonal_init_runs_qr_one_matrix_at_a_time():
+    init = orthogonal(1.0)
+    keys = jax.random.split(jax.random.key(0), 4)
+    calls = lapack_calls(jax.vmap(lambda k: init(k, (6, 4))), keys)
+    assert_unbatched(calls, ["lapack_sgeqrf_ffi"])
+    out = jax.vmap(lambda k: init(k, (6, 4)))(keys)
+    np.testing.assert_allclose(out[2], init(keys[2], (6, 4)), rtol=1e-6)
+
+
+def test_vmapped_kfac_population_runs_eigh_one_matrix_at_a_time():
+    tx = kfac(learning_rate=0.1, damping=1e-2)
+    keys = jax.random.split(jax.random.key(5), 3)
+    params = [make_params(k) for k in keys]
+    stats = [hand_stats(p, *batch(jax.random.fold_in(k, 1)))[0] for p, k in zip(params, keys)]
+    grads = [grads_like(p, jax.random.fold_in(k, 2)) for p, k in zip(params, keys)]
+    states = [set_hyperparam(tx.init(p), "damping", d) for p, d in zip(params, [1e-3, 1e-2, 1e-1])]
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+    step = jax.vmap(lambda g, s, p, st: tx.update(g, s, p, layer_stats=st)[0])
+    assert_unbatched(lapack_calls(step, stack(grads), stack(states), stack(params), stack(stats)),
+                     ["lapack_ssyevd_ffi"])
+
+
+def test_pb2_round_runs_its_gp_one_matrix_at_a_time():
+    """PB2's kernel grid is vmapped inside a round; here the round is vmapped too."""
+    groups = (pbt.Group("a", 4), pbt.Group("b", 4))
+    prog = toy_pbt("pb2", groups=groups, spaces=[TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0)])
+    s0 = jax.vmap(prog.init)(jax.random.split(jax.random.key(0), 2))
+    assert_unbatched(lapack_calls(jax.vmap(prog.step), s0), ["lapack_spotrf_ffi", "lapack_strsm_ffi"])
