@@ -4,7 +4,7 @@ jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over XLA's thread
 pool and block on the pieces; several such calls at once (one per fake
 device) can hang forever. The hang is rare (2 of 20 runs of the sharded PB2
 check on a busy 2-core machine), so a timing test cannot show it is gone.
-These tests read the compiled HLO instead: every LAPACK custom call must get
+These tests read the lowered program instead: every LAPACK custom call must get
 a single matrix, however the caller vmaps.
 """
 
@@ -23,15 +23,17 @@ from meta import pbt
 from tests.test_kfac import batch, grads_like, hand_stats, make_params
 from tests.test_pbt import toy_pbt, TOY_SPACE
 
-# e.g. ``custom-call(%x), custom_call_target="lapack_spotrf_ffi", operand_layout_constraints={f32[3,4,4]{1,2,0}}``
-_LAPACK_CALL = re.compile(r'custom_call_target="(lapack_\w+)", operand_layout_constraints=\{\w+\[([\d,]*)\]')
+# e.g. ``stablehlo.custom_call @lapack_spotrf_ffi(%3) {...} : (tensor<3x4x4xf32>) -> ...``
+_LAPACK_CALL = re.compile(r"stablehlo\.custom_call @(lapack_\w+)\(.*?\} : \(tensor<((?:\d+x)*)\w+>")
 
 
 def lapack_calls(fn, *args):
-    """(target, first operand shape) of every LAPACK custom call ``jit(fn)`` compiles to."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    assert text.count('custom_call_target="lapack_') == len(_LAPACK_CALL.findall(text)), "HLO format changed"
-    return [(target, tuple(int(d) for d in dims.split(",") if d)) for target, dims in _LAPACK_CALL.findall(text)]
+    """(target, first operand shape) of every LAPACK custom call in ``jit(fn)``'s
+    lowering (XLA adds no batching later, so the compile is not needed)."""
+    text = jax.jit(fn).lower(*args).as_text()
+    calls = _LAPACK_CALL.findall(text)
+    assert text.count("stablehlo.custom_call @lapack_") == len(calls), "StableHLO format changed"
+    return [(target, tuple(int(d) for d in dims.split("x") if d)) for target, dims in calls]
 
 
 def assert_unbatched(calls, expected_targets):
