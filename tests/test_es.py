@@ -98,7 +98,9 @@ def test_resume_is_bit_for_bit(tmp_path):
     part.append(np.asarray(m["fitness"]))
     cfg_doc = {"toy": 1}
     checkpoint.save(str(tmp_path), 1, run2, {"config": cfg_doc, "logs": []})
-    tr_b = ESTrainer(TOY, LogLRRule(), [100.0])  # a fresh process would rebuild everything
+    # Restored into a fresh template; the same trainer, so its compiled step is
+    # reused (a fresh process: tests/test_meta_train_script.py, marked slow).
+    tr_b = tr
     step, run3, doc = checkpoint.restore(str(tmp_path), tr_b.init(), cfg_doc)
     run3 = tr_b.place(run3)
     assert step == 1
