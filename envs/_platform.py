@@ -15,7 +15,7 @@ intra-op thread pool and blocks until the pieces finish. Under ``jax.vmap``
 calls run at once -- one per (fake) device under ``shard_map``, or several
 independent ones in one program -- every pool thread can end up waiting for
 pieces queued behind it: the program hangs with no error (seen: PB2's
-Cholesky on 4 fake CPU devices, 2 of 20 runs on a busy 2-core machine; the
+Cholesky on 4 fake CPU devices, 3 of 32 runs on a busy 2-core machine; the
 orthogonal initializer's QR). The scheduler flag does not help there.
 ``one_matrix_at_a_time`` wraps such a function so that under ``vmap`` it
 runs over the batch with ``lax.map``, one unbatched matrix per call, which

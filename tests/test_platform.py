@@ -2,7 +2,7 @@
 
 jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over XLA's thread
 pool and block on the pieces; several such calls at once (one per fake
-device) can hang forever. The hang is rare (2 of 20 runs of the sharded PB2
+device) can hang forever. The hang is rare (3 of 32 runs of the sharded PB2
 check on a busy 2-core machine), so a timing test cannot show it is gone.
 These tests read the lowered program instead: every LAPACK custom call must get
 a single matrix, however the caller vmaps.
