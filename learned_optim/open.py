@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_optim import base
+from learned_optim import base, prng
 
 BETAS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 NUM_FEATURES = 19
@@ -286,9 +286,10 @@ def _normalised_features(p: jax.Array, g: jax.Array, m: jax.Array, spans) -> jax
 
 def _actor_noise(key: jax.Array, infos, spans) -> jax.Array:
     """``[N]``: N(0, 1) on actor elements, 0 elsewhere; draws only as many
-    normals as there are actor elements."""
+    normals as there are actor elements (``jax.random.normal``'s values, see
+    ``learned_optim.prng`` for why not its call)."""
     sizes = [int(b - a) for a, b in spans]
-    eps = jax.random.normal(key, (sum(s for s, i in zip(sizes, infos) if i.is_actor),), jnp.float32)
+    eps = prng.standard_normal(key, sum(s for s, i in zip(sizes, infos) if i.is_actor))
     pieces, start = [], 0
     for size, info in zip(sizes, infos):
         if info.is_actor:
