@@ -58,13 +58,15 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
 def _threefry_key_data(key: jax.Array):
     """The key's two ``uint32`` words when ``jax.random`` would hash it with
     partitionable Threefry-2x32; otherwise None."""
-    if not jax.config.jax_threefry_partitionable:
+    # (getattr: a later jax may drop these switches; tests/test_prng.py checks the bits either way)
+    if not getattr(jax.config, "jax_threefry_partitionable", True):
         return None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         return jax.random.key_data(key)
-    if key.dtype == jnp.uint32 and key.shape == (2,) and jax.config.jax_default_prng_impl == "threefry2x32":
+    default_impl = getattr(jax.config, "jax_default_prng_impl", "threefry2x32")
+    if key.dtype == jnp.uint32 and key.shape == (2,) and default_impl == "threefry2x32":
         return key
     return None
 
