@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_optim import base, prng
+from learned_optim import base, open_kernel, prng
 
 BETAS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 NUM_FEATURES = 19
@@ -210,8 +210,12 @@ def open_network(prep: _Prepared, carry: jax.Array, x: jax.Array) -> Tuple[jax.A
 
 
 def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.GradientTransformationExtraArgs:
-    """OPEN's update (the optax update is ``-step``); needs ``params``."""
+    """OPEN's update (the optax update is ``-step``); needs ``params``.
+
+    On x86-64 CPUs the network runs as a fused kernel (``open_kernel``; the
+    same values to float rounding, ``METARL_OPEN_KERNEL=0`` turns it off)."""
     prep = _prepare(meta_params)
+    network = open_kernel.fused(open_network)
 
     def init_fn(params):
         n = base.flat_size(params)
@@ -249,7 +253,7 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
             jnp.broadcast_to(ctx.batch_fraction, (1, n)),
             base.flat_dormancy(ctx.layer_stats, infos, layout)[None],
         ], axis=0)                                                            # [19, N]
-        new_carry, o = open_network(prep, state.carry, x)
+        new_carry, o = network(prep, state.carry, x)
         step = o[0] * rule.step_mult * jnp.exp(o[1] * rule.exp_mult)
         if rule.actor_noise and layout.is_actor.any():
             step = step + o[2] * rule.step_mult * _actor_noise(ctx.key, infos, spans)
