@@ -269,23 +269,19 @@ def _normalised_features(p: jax.Array, g: jax.Array, m: jax.Array, spans) -> jax
     """Features 0-14 (``[15, N]``), each divided per tensor by ``sqrt(1e-5 +
     mean(x**2))``; ``spans`` are the tensors' ``(start, end)`` element ranges.
 
-    The log-magnitudes are computed once; the per-tensor scales are reduced
-    from slices (squares written separately, ``sign(x)**2 = [x != 0]``) and
-    broadcast back over each tensor's range, so the scaled block is written in
-    one pass over ``p, g, m`` (on CPU a little faster than scaling per tensor
-    and concatenating the pieces, which XLA copies once more)."""
+    The log-magnitudes are computed once; each tensor's slice is scaled by its
+    own statistics and the pieces concatenated, which XLA writes in one pass
+    into the network's input. (Broadcasting per-tensor scales back over the
+    whole ``[15, N]`` block and multiplying once gave the same values bit for
+    bit but cost ~0.5 ms more per step once the network ran as a kernel.)"""
     logm = jnp.log(jnp.abs(m) + LOG_EPS)                                   # [6, N]
     logg = jnp.log(jnp.abs(g) + LOG_EPS)[None]                             # [1, N]
     raw = jnp.concatenate([p[None], jnp.sign(m), logm, jnp.sign(g)[None], logg], axis=0)
-
-    def inv_rms(a, b):
-        squares = jnp.concatenate([jnp.square(p[None, a:b]), (m[:, a:b] != 0).astype(jnp.float32),
-                                   jnp.square(logm[:, a:b]), (g[None, a:b] != 0).astype(jnp.float32),
-                                   jnp.square(logg[:, a:b])], axis=0)
-        return jax.lax.rsqrt(1e-5 + jnp.mean(squares, axis=1, keepdims=True))   # [15, 1]
-
-    scale = jnp.concatenate([jnp.broadcast_to(inv_rms(a, b), (NUM_NORMALISED, b - a)) for a, b in spans], axis=1)
-    return raw * scale
+    pieces = []
+    for a, b in spans:
+        r = raw[:, a:b]
+        pieces.append(r * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(r), axis=1, keepdims=True)))
+    return jnp.concatenate(pieces, axis=1)
 
 
 def _actor_noise(key: jax.Array, infos, spans) -> jax.Array:
