@@ -14,8 +14,9 @@ The kernel is compiled on first use with the system's C++ compiler
 (``$CXX``, else ``g++``/``c++``/``clang++``) against jaxlib's FFI headers,
 for this machine (``-march=native``; it needs x86-64 with AVX2 and FMA), and
 cached under ``$XDG_CACHE_HOME/metarl-optim`` (``~/.cache`` by default).
-Where that is not possible OPEN uses the JAX path (with one warning if a
-compiler was there and failed). ``METARL_OPEN_KERNEL=0`` always uses the JAX
+Where that is not possible OPEN uses the JAX path: silently on other CPUs
+and accelerators, with one warning per process when the compiler is missing
+or the build fails. ``METARL_OPEN_KERNEL=0`` always uses the JAX
 path, ``=1`` fails loudly if the kernel cannot be built. Only the CPU backend
 uses it (``lax.platform_dependent``); GPUs and TPUs run the JAX path. It is
 not differentiable itself: ``jax.grad``/``jvp`` through it use the JAX path's
