@@ -246,14 +246,15 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
         b = jnp.asarray(BETAS, jnp.float32)[:, None]
         m = b * state.momenta + (1.0 - b) * g[None]                            # [6, N]
         normalised = _normalised_features(p, g, m, spans)                    # [15, N]
-        x = jnp.concatenate([
-            normalised,
-            jnp.broadcast_to(ctx.train_fraction, (1, n)),
-            jnp.asarray(layout.layer_prop)[None],
-            jnp.broadcast_to(ctx.batch_fraction, (1, n)),
-            base.flat_dormancy(ctx.layer_stats, infos, layout)[None],
-        ], axis=0)                                                            # [19, N]
-        new_carry, o = network(prep, state.carry, x)
+        others = jnp.stack([                                                  # [4, N]
+            jnp.broadcast_to(ctx.train_fraction, (n,)).astype(jnp.float32),
+            jnp.asarray(layout.layer_prop, jnp.float32),
+            jnp.broadcast_to(ctx.batch_fraction, (n,)).astype(jnp.float32),
+            base.flat_dormancy(ctx.layer_stats, infos, layout),
+        ])
+        # the network's input is [normalised; others] ([19, N]), passed in two
+        # parts: the kernel reads them in place instead of a 19-row copy
+        new_carry, o = network(prep, state.carry, normalised, others)
         step = o[0] * rule.step_mult * jnp.exp(o[1] * rule.exp_mult)
         if rule.actor_noise and layout.is_actor.any():
             step = step + o[2] * rule.step_mult * _actor_noise(ctx.key, infos, spans)

@@ -149,26 +149,33 @@ def pack_weights(prep) -> jax.Array:
 
 
 def fused(reference: Callable) -> Callable:
-    """``reference(prep, carry, x) -> (carry, o)`` run by the kernel on CPU.
+    """``reference(prep, carry, x) -> (carry, o)`` run by the kernel on CPU, as
+    ``run(prep, carry, x_a, x_b)`` with ``x = concatenate([x_a, x_b])`` (rows):
+    the kernel reads the two parts where they are, so ``x`` is never copied
+    into one array.
 
     Under ``vmap`` every input (weights included) is broadcast to the batch and
-    the kernel loops over it; derivatives are ``reference``'s. Returns
-    ``reference`` itself where the kernel is not ``available()``."""
-    if not available():
-        return reference
+    the kernel loops over it; derivatives are ``reference``'s. Where the kernel
+    is not ``available()`` it is ``reference`` on the concatenated input."""
 
-    def call(prep, carry, x):
+    def jax_path(prep, carry, x_a, x_b):
+        return reference(prep, carry, jnp.concatenate([x_a, x_b], axis=0))
+
+    if not available():
+        return jax_path
+
+    def call(prep, carry, x_a, x_b):
         out = (jax.ShapeDtypeStruct(carry.shape, jnp.float32),
                jax.ShapeDtypeStruct((3,) + carry.shape[1:], jnp.float32))
         return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
-            x.astype(jnp.float32), carry.astype(jnp.float32), pack_weights(prep))
+            x_a.astype(jnp.float32), x_b.astype(jnp.float32), carry.astype(jnp.float32), pack_weights(prep))
 
     @jax.custom_jvp
-    def run(prep, carry, x):
-        return jax.lax.platform_dependent(prep, carry, x, cpu=call, default=reference)
+    def run(prep, carry, x_a, x_b):
+        return jax.lax.platform_dependent(prep, carry, x_a, x_b, cpu=call, default=jax_path)
 
     @run.defjvp
     def _jvp(primals, tangents):
-        return jax.jvp(reference, primals, tangents)
+        return jax.jvp(jax_path, primals, tangents)
 
     return run

@@ -16,7 +16,11 @@ from tests.conftest import SHARED
 pytestmark = pytest.mark.skipif(not open_kernel.available(),
                                 reason="OPEN's CPU kernel is not available here (no compiler, or not x86-64 AVX2)")
 BREAKOUT = os.path.join(SHARED, "anchors", "open", "breakout_OPEN.npy")
-KERNEL = open_kernel.fused(lo.open_network)
+RUN = open_kernel.fused(lo.open_network)
+
+
+def KERNEL(prep, h, x, split=15):  # noqa: N802 -- the kernel in open_network's signature
+    return RUN(prep, h, x[:split], x[split:])
 
 
 def _inputs(rule, n, key, scale=1.0):
@@ -37,9 +41,10 @@ def _random_prep(rule, key):
                                                     for w, k in zip(leaves, keys)]))
 
 
-@pytest.mark.parametrize("rule", [lo.OPEN_SMALL, lo.OPEN_LARGE], ids=["small", "large"])
-@pytest.mark.parametrize("n", [1, 23, 24, 25, 1000, 7001])
-def test_matches_the_jax_network(rule, n):
+@pytest.mark.parametrize("rule, n", [(lo.OPEN_SMALL, 1), (lo.OPEN_SMALL, 24), (lo.OPEN_SMALL, 7001),
+                                     (lo.OPEN_LARGE, 25), (lo.OPEN_LARGE, 1000)],
+                         ids=["small-1", "small-24", "small-7001", "large-25", "large-1000"])
+def test_matches_the_jax_network(rule, n):  # one block, a short tail, many blocks over several chunks
     prep = _random_prep(rule, jax.random.key(n))
     h, x = _inputs(rule, n, jax.random.key(100 + n), scale=2.0)
     want_h, want_o = jax.jit(lo.open_network)(prep, h, x)
@@ -107,7 +112,19 @@ def test_a_weight_vector_of_the_wrong_size_is_an_error():
     call = jax.ffi.ffi_call(open_kernel.TARGET, (jax.ShapeDtypeStruct(h.shape, jnp.float32),
                                                  jax.ShapeDtypeStruct((3, 30), jnp.float32)))
     with pytest.raises(Exception, match="does not match the sizes"):
-        jax.block_until_ready(call(x, h, jnp.zeros((17,), jnp.float32)))
+        jax.block_until_ready(call(x[:15], x[15:], h, jnp.zeros((17,), jnp.float32)))
+    with pytest.raises(Exception, match="differ in N"):
+        jax.block_until_ready(call(x[:15], x[15:, :29], h, jnp.zeros((17,), jnp.float32)))
+
+
+@pytest.mark.parametrize("split", [0, 10, 19])
+def test_any_split_of_the_input_rows_gives_the_same_values(split):
+    prep = _random_prep(lo.OPEN_SMALL, jax.random.key(11))
+    h, x = _inputs(lo.OPEN_SMALL, 77, jax.random.key(12))
+    want = jax.jit(KERNEL)(prep, h, x)
+    got = jax.jit(lambda p, h, x: KERNEL(p, h, x, split))(prep, h, x)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_transform_with_the_kernel_follows_the_jax_path(monkeypatch):
@@ -127,7 +144,7 @@ def test_the_transform_with_the_kernel_follows_the_jax_path(monkeypatch):
         return p
 
     with_kernel = run(lo.scale_by_open(mp))
-    monkeypatch.setattr(open_kernel, "fused", lambda reference: reference)
+    monkeypatch.setattr(open_kernel, "available", lambda: False)  # fused() then gives the JAX path
     without = run(lo.scale_by_open(mp))
     for a, b in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(without)):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -6,8 +6,11 @@
 // on CPU much of its time is that memory traffic. Here each block of 24
 // parameters goes through the whole network with its intermediates in L1.
 //
-// Layout (feature-major, as in learned_optim/open.py): x [..., I, N], carry
-// [..., H, N], weights [..., W] packed by open_kernel.pack_weights; outputs:
+// Layout (feature-major, as in learned_optim/open.py): the input features in
+// two parts, x_a [..., Ia, N] and x_b [..., Ib, N] (rows 0..Ia-1 and
+// Ia..I-1 of x: OPEN's 15 normalised features and its 4 others, so that x is
+// never copied into one array), carry [..., H, N], weights [..., W] packed by
+// open_kernel.pack_weights; outputs:
 // the new carry [..., H, N] and o [..., 3, N]. Leading dims are a batch
 // (vmap); each batch element has its own weights.
 //
@@ -149,9 +152,10 @@ inline void NormRelu(float* a, const float* scale, const float* bias, int64_t ro
   }
 }
 
-// One block of kG parameters. x: I rows with stride xs; h: H rows with stride
-// hs; writes h_out (H rows) and o (3 rows), both with stride os.
-void Block(const Net& n, const float* x, int64_t xs, const float* h, int64_t hs, float* h_out, float* o,
+// One block of kG parameters. x[k]: the block's first element of input row k;
+// h: H rows with stride hs; writes h_out (H rows) and o (3 rows), both with
+// stride os.
+void Block(const Net& n, const float* const* x, const float* h, int64_t hs, float* h_out, float* o,
            int64_t os) {
   const int64_t I = n.I, H = n.H, M = n.M;
   alignas(64) float pre[4 * kMaxH * kG];  // per hidden unit: the r, z, n_in, n_h pre-activations
@@ -172,7 +176,7 @@ void Block(const Net& n, const float* x, int64_t xs, const float* h, int64_t hs,
     for (int64_t k = 0; k < I; ++k) {
       const v8 a = bc(wr + k), b = bc(wz + k), e = bc(wn + k);
       v8 xv[kCT];
-      UNROLL for (int c = 0; c < kCT; ++c) { xv[c] = ld(x + k * xs + 8 * c); PIN(xv[c]); }
+      UNROLL for (int c = 0; c < kCT; ++c) { xv[c] = ld(x[k] + 8 * c); PIN(xv[c]); }
       UNROLL for (int c = 0; c < kCT; ++c) {
         ar[c] = _mm256_fmadd_ps(a, xv[c], ar[c]);
         az[c] = _mm256_fmadd_ps(b, xv[c], az[c]);
@@ -228,31 +232,37 @@ void Block(const Net& n, const float* x, int64_t xs, const float* h, int64_t hs,
   UNROLL for (int i = 0; i < kOut; ++i) UNROLL for (int c = 0; c < kCT; ++c) st(o + i * os + 8 * c, ao[i][c]);
 }
 
-// Blocks [b0, b1) of one batch element with N parameters; the last block may be short (zero-padded).
-void Blocks(const Net& n, const float* x, const float* h, float* h_out, float* o, int64_t N, int64_t b0,
-            int64_t b1) {
+// Blocks [b0, b1) of one batch element with N parameters; x[k] is input row
+// k. The last block may be short (zero-padded).
+void Blocks(const Net& n, const float* const* x, const float* h, float* h_out, float* o, int64_t N,
+            int64_t b0, int64_t b1) {
+  const float* rows[kMaxI];
   for (int64_t bi = b0; bi < b1; ++bi) {
     const int64_t j0 = bi * kG;
     if (j0 + kG <= N) {
       const int64_t jp = j0 + kPrefetch * kG;  // the rows' next lines: 27+ streams defeat the hardware prefetcher
       if (jp + kG <= N) {
         for (int64_t r = 0; r < n.I; ++r) {
-          __builtin_prefetch(x + r * N + jp);
-          __builtin_prefetch(x + r * N + jp + kG - 1);
+          __builtin_prefetch(x[r] + jp);
+          __builtin_prefetch(x[r] + jp + kG - 1);
         }
         for (int64_t r = 0; r < n.H; ++r) {
           __builtin_prefetch(h + r * N + jp);
           __builtin_prefetch(h + r * N + jp + kG - 1);
         }
       }
-      Block(n, x + j0, N, h + j0, N, h_out + j0, o + j0, N);
+      for (int64_t r = 0; r < n.I; ++r) rows[r] = x[r] + j0;
+      Block(n, rows, h + j0, N, h_out + j0, o + j0, N);
       continue;
     }
     const int64_t len = N - j0;
     alignas(64) float xp[kMaxI * kG] = {}, hp[kMaxH * kG] = {}, hop[kMaxH * kG], op[kOut * kG];
-    for (int64_t r = 0; r < n.I; ++r) std::memcpy(xp + r * kG, x + r * N + j0, sizeof(float) * len);
+    for (int64_t r = 0; r < n.I; ++r) {
+      std::memcpy(xp + r * kG, x[r] + j0, sizeof(float) * len);
+      rows[r] = xp + r * kG;
+    }
     for (int64_t r = 0; r < n.H; ++r) std::memcpy(hp + r * kG, h + r * N + j0, sizeof(float) * len);
-    Block(n, xp, kG, hp, kG, hop, op, kG);
+    Block(n, rows, hp, kG, hop, op, kG);
     for (int64_t r = 0; r < n.H; ++r) std::memcpy(h_out + r * N + j0, hop + r * kG, sizeof(float) * len);
     for (int64_t r = 0; r < kOut; ++r) std::memcpy(o + r * N + j0, op + r * kG, sizeof(float) * len);
   }
@@ -277,21 +287,26 @@ struct Shared {
   std::atomic<int64_t> next{0}, done{0};
   int64_t chunks = 0;
 };
-ffi::Error OpenForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> carry, ffi::Buffer<ffi::F32> weights,
+ffi::Error OpenForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_a, ffi::Buffer<ffi::F32> x_b,
+                           ffi::Buffer<ffi::F32> carry, ffi::Buffer<ffi::F32> weights,
                            ffi::ResultBuffer<ffi::F32> carry_out, ffi::ResultBuffer<ffi::F32> o) {
-  const auto xd = x.dimensions();
+  const auto xd = x_a.dimensions();
+  const auto bd = x_b.dimensions();
   const auto hd = carry.dimensions();
   const auto wd = weights.dimensions();
-  if (xd.size() < 2 || hd.size() != xd.size() || wd.size() != xd.size() - 1)
-    return ffi::Error::InvalidArgument("open_forward: expected x [..., I, N], carry [..., H, N], weights [..., W]");
+  if (xd.size() < 2 || bd.size() != xd.size() || hd.size() != xd.size() || wd.size() != xd.size() - 1)
+    return ffi::Error::InvalidArgument(
+        "open_forward: expected x_a [..., Ia, N], x_b [..., Ib, N], carry [..., H, N], weights [..., W]");
   const int64_t rank = xd.size();
-  const int64_t N = xd[rank - 1], I = xd[rank - 2], H = hd[rank - 2];
+  const int64_t N = xd[rank - 1], Ia = xd[rank - 2], Ib = bd[rank - 2], I = Ia + Ib, H = hd[rank - 2];
   int64_t batch = 1;
   for (int64_t i = 0; i < rank - 2; ++i) {
-    if (xd[i] != hd[i] || xd[i] != wd[i]) return ffi::Error::InvalidArgument("open_forward: batch dims differ");
+    if (xd[i] != bd[i] || xd[i] != hd[i] || xd[i] != wd[i])
+      return ffi::Error::InvalidArgument("open_forward: batch dims differ");
     batch *= xd[i];
   }
-  if (hd[rank - 1] != N) return ffi::Error::InvalidArgument("open_forward: carry and x differ in N");
+  if (hd[rank - 1] != N || bd[rank - 1] != N)
+    return ffi::Error::InvalidArgument("open_forward: the inputs differ in N");
   if (I > kMaxI || H > kMaxH) return ffi::Error::InvalidArgument("open_forward: too many inputs or GRU units");
   const int64_t w_total = wd[rank - 2];
   int64_t M = 0;
@@ -299,7 +314,8 @@ ffi::Error OpenForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     if (Net::Size(I, H, m) == w_total) M = m;
   if (M == 0) return ffi::Error::InvalidArgument("open_forward: the weight vector does not match the sizes");
 
-  const float* xp = x.typed_data();
+  const float* xap = x_a.typed_data();
+  const float* xbp = x_b.typed_data();
   const float* hp = carry.typed_data();
   const float* wp = weights.typed_data();
   float* hop = carry_out->typed_data();
@@ -310,7 +326,9 @@ ffi::Error OpenForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / blocks, first = i % blocks, last = std::min(blocks, first + (end - i));
       const Net net(wp + b * w_total, I, H, M);
-      Blocks(net, xp + b * I * N, hp + b * H * N, hop + b * H * N, op + b * kOut * N, N, first, last);
+      const float* rows[kMaxI];
+      for (int64_t r = 0; r < I; ++r) rows[r] = r < Ia ? xap + (b * Ia + r) * N : xbp + (b * Ib + r - Ia) * N;
+      Blocks(net, rows, hp + b * H * N, hop + b * H * N, op + b * kOut * N, N, first, last);
       i += last - first;
     }
   };
@@ -339,6 +357,7 @@ ffi::Error OpenForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetarlOpenForward, OpenForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
