@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs._platform import one_matrix_at_a_time
+from runtime.platform import one_matrix_at_a_time
 
 STATS_SUFFIX = "_stats"  # collection entries can't reuse the submodule's own name
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
@@ -30,7 +30,7 @@ def orthogonal(scale: float = 1.0):
 
     Under ``jax.vmap`` (a population, seeds) flax's initializer becomes one
     batched LAPACK QR, which can hang jaxlib 0.10's CPU thread pool
-    (``envs._platform.one_matrix_at_a_time`` says how). Here a vmapped init
+    (``runtime.platform.one_matrix_at_a_time`` says how). Here a vmapped init
     maps the QR over the batch one matrix at a time (``lax.map``), which gives
     the same matrices and costs nothing that matters (it runs once, at init)."""
     base = nn.initializers.orthogonal(scale)

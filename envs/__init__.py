@@ -12,7 +12,7 @@ parameters (gymnax ``EnvParams`` fields such as ``max_steps_in_episode``) or
 constructor (Brax ``backend``, gridworld ``horizon``).
 """
 
-from envs import _platform  # noqa: F401  (safe XLA flags before JAX starts)
+import runtime  # noqa: F401  (safe XLA flags before JAX starts)
 from envs.core import Env, Wrapper
 from envs.spaces import Box, Discrete
 from envs.wrappers import AutoReset, ClipAction, EpisodeStats, NormalizeObservation, VecEnv

@@ -5,7 +5,7 @@
 optimizer are documented in ``learned_optim.context``.
 """
 
-from envs import _platform  # noqa: F401  (safe XLA flags before JAX starts)
+import runtime  # noqa: F401  (safe XLA flags before JAX starts)
 from learned_optim.context import (
     STAT_KINDS,
     LayerStats,

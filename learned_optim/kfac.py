@@ -102,7 +102,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from envs._platform import one_matrix_at_a_time
+from runtime.platform import one_matrix_at_a_time
 from learned_optim import curvature as cv
 from learned_optim.context import any_member
 
@@ -188,7 +188,7 @@ def _refresh(layers):
     running at once (inside a ``lax.cond`` branch, or one per device) can
     block every pool thread and hang forever on a 2-core machine (seen with
     PPO on CartPole). So a vmapped population runs each eigh one matrix at a
-    time (``_eigh``, ``envs._platform.one_matrix_at_a_time``), and the layers'
+    time (``_eigh``, ``runtime.platform.one_matrix_at_a_time``), and the layers'
     eigendecompositions are chained one after another (``_after``). The
     matrices are small, so running them in sequence costs little.
     """

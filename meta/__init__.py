@@ -1,3 +1,3 @@
 """Outer loops: evolution strategies, pipeline training, PBT and friends."""
 
-from envs import _platform  # noqa: F401  (safe XLA flags before JAX starts)
+import runtime  # noqa: F401  (safe XLA flags before JAX starts)

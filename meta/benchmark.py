@@ -217,7 +217,7 @@ def make_cells(env_names: Sequence[str], specs: Sequence[str], seeds: int, times
     centred on the lr it would train with untuned: a spec's ``lr=``, the env
     preset's lr for Adam-family specs, else the optimizer's default); the
     others (OPEN with weights, ``lopt:``) stay untuned."""
-    from agents.experiment import hparams_for_spec, resolve_config
+    from meta.experiment import hparams_for_spec, resolve_config
     from learned_optim.spec import default_learning_rate
 
     if lr_grid is not None and lr is not None:
@@ -312,8 +312,8 @@ def run_cells(cells: Sequence[Cell], out: str, train: Optional[Callable] = None,
     is done (an interrupted benchmark reuses it) and its record carries
     ``lr_tuning``: the grid, final returns ``[L, S]``, mean return per lr, the
     chosen lr and the rule. ``train``/``sweep`` default to
-    ``agents.experiment.train_seeds``/``train_lr_sweep`` (tests pass fakes)."""
-    from agents.experiment import hparams_for_spec, resolve_config, train_lr_sweep, train_seeds
+    ``meta.experiment.train_seeds``/``train_lr_sweep`` (tests pass fakes)."""
+    from meta.experiment import hparams_for_spec, resolve_config, train_lr_sweep, train_seeds
 
     train = train or train_seeds
     sweep = sweep or train_lr_sweep

@@ -27,7 +27,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import envs
-from agents.experiment import resolve_config
+from meta.experiment import resolve_config
 from agents.ppo import PPOHParams, make_ppo
 
 WORST_FITNESS = -1e6  # given to candidates whose return is NaN/Inf

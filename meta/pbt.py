@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from envs._platform import one_matrix_at_a_time
+from runtime.platform import one_matrix_at_a_time
 
 ALGOS = ("pbt", "gpbt", "pb2", "fixed")
 EXPLOITS = ("truncation", "ttest", "tournament")
@@ -432,7 +432,7 @@ def tv_kernel(t1, x1, t2, x2, lengthscale, eps):
 
 
 # jaxlib 0.10's batched CPU LAPACK can hang when several devices run it at
-# once (envs._platform); the hyperparameter grid below is vmapped, and a PB2
+# once (runtime.platform); the hyperparameter grid below is vmapped, and a PB2
 # step may itself be vmapped or sharded, so every factorisation and solve runs
 # one matrix at a time.
 _cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
@@ -871,7 +871,7 @@ def make_member_agents(agent_kind: str, env_name: str, groups: Sequence[Group], 
         learned_optim.spec.check_spec(g.spec)
     env, env_params = envs.make(env_name)
     if agent_kind == "ppo":
-        from agents.experiment import resolve_config
+        from meta.experiment import resolve_config
         from agents.ppo import PPOHParams, make_ppo
 
         cfg, hp = resolve_config(env_name, total_timesteps=int(timesteps), anneal_lr=False, **overrides)

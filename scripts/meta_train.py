@@ -285,7 +285,7 @@ def plan_document(plan: Plan, args) -> Dict[str, Any]:
 
 
 def measure_references(config, log):
-    from agents.experiment import resolve_config, train_seeds
+    from meta.experiment import resolve_config, train_seeds
 
     refs = []
     for name in config.envs:
@@ -555,7 +555,7 @@ def compare_with_adam(out, config, seeds, say):
     """Learned optimizer (ES mean) vs Adam on the training envs, same seeds."""
     import numpy as np
 
-    from agents.experiment import resolve_config, train_seeds
+    from meta.experiment import resolve_config, train_seeds
     from meta.report import plot_curves
 
     lines = list(SUMMARY_HEADER)

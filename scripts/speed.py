@@ -7,7 +7,7 @@ measured side by side in one process, as a ratio to the first one.
         --seeds 1 --updates 8 --repeats 3
 
 Every optimizer trains ``--seeds`` vmapped PPO agents with the env's preset
-(``agents.experiment.resolve_config``) for ``--updates`` PPO iterations per
+(``meta.experiment.resolve_config``) for ``--updates`` PPO iterations per
 timed call. Calls alternate between optimizers (round robin, ``--repeats``
 rounds) so a noisy, shared machine disturbs all of them alike; the median
 round is reported, both by wall clock and by the process's CPU time (CPU time
@@ -51,7 +51,7 @@ def build(env_name, spec, seeds, updates, **overrides):
 
     import envs
     import learned_optim
-    from agents.experiment import resolve_config
+    from meta.experiment import resolve_config
     from agents.ppo import PPOHParams, make_ppo
 
     config, hp = resolve_config(env_name, **overrides)

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from agents.experiment import hparams_for_spec, resolve_config, train_seeds
+    from meta.experiment import hparams_for_spec, resolve_config, train_seeds
     from learned_optim.spec import check_spec
     from meta.report import plot_curves, write_curve_csv, write_json
 

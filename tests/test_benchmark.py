@@ -160,7 +160,7 @@ def test_make_cells_centres_grids_on_each_optimizers_default():
 def test_tuning_keys_are_disjoint_from_evaluation_keys():
     import jax
 
-    from agents.experiment import evaluation_keys, tuning_keys
+    from meta.experiment import evaluation_keys, tuning_keys
 
     ev = np.asarray(jax.random.key_data(evaluation_keys(0, 4))).reshape(4, -1)
     tu = np.asarray(jax.random.key_data(tuning_keys(0, 4))).reshape(4, -1)

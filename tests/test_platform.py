@@ -1,4 +1,4 @@
-"""No batched LAPACK call in the compiled programs (envs._platform).
+"""No batched LAPACK call in the compiled programs (runtime.platform).
 
 jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over XLA's thread
 pool and block on the pieces; several such calls at once (one per fake
@@ -16,7 +16,7 @@ import numpy as np
 
 import envs  # noqa: F401
 from agents.networks import orthogonal
-from envs._platform import one_matrix_at_a_time
+from runtime.platform import one_matrix_at_a_time
 from learned_optim.context import set_hyperparam
 from learned_optim.kfac import kfac
 from meta import pbt

@@ -50,7 +50,7 @@ def test_small_run_writes_results(tmp_path):
 
 
 def test_learning_rate_precedence():
-    from agents.experiment import hparams_for_spec
+    from meta.experiment import hparams_for_spec
     from learned_optim.spec import explicit_learning_rate
 
     preset = {"lr": 2.5e-4, "gamma": 0.99}
