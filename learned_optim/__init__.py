@@ -1,11 +1,15 @@
 """Optimizers as optax transforms: hand-designed, learned and second-order.
 
-``from_spec("adam:lr=3e-4")`` builds any of them by name; see
-``learned_optim.spec``. The keyword extra arguments agents pass to every
-optimizer are documented in ``learned_optim.context``.
+``from_spec("adam:lr=3e-4")`` builds any of them by name; the names and what
+is known about each are in ``learned_optim.registry``. The keyword extra
+arguments agents pass to every optimizer are documented in
+``learned_optim.context``. A learned optimizer is a rule (``OpenRule``,
+``Optim4RLRule``, ``MLPRule``, ``GRURule``, ``LSTMRule``) plus a pytree of
+meta-parameters; ``save``/``load`` write and read the pair.
 """
 
 import runtime  # noqa: F401  (safe XLA flags before JAX starts)
+from learned_optim import registry
 from learned_optim.context import (
     STAT_KINDS,
     LayerStats,
@@ -13,49 +17,21 @@ from learned_optim.context import (
     required_stats,
     set_hyperparam,
 )
-from learned_optim.spec import from_spec, known_optimizers, register
+from learned_optim.io import save
+from learned_optim.layer_stats import categorical_sampled_loglik, dense_layer_stats, gaussian_sampled_loglik
+from learned_optim.open import OpenRule, load_open_weights
+from learned_optim.optim4rl import Optim4RLRule
+from learned_optim.registry import OptimizerInfo, from_spec, info, load, make_rule, names, rule_names
+from learned_optim.rule import LearnedRule
+from learned_optim.rules import GRURule, LSTMRule, MLPRule
 
-# Learned optimizers (modules imported on first use, so this import stays light).
-register("open", "learned_optim.open:from_spec_arg")              # open:PATH.npy | open[:seed=N]
-register("open_large", "learned_optim.open:large_from_spec_arg")  # open_large[:seed=N]
-register("optim4rl", "learned_optim.optim4rl:from_spec_arg")
-register("mlp", "learned_optim.rules:mlp_from_spec_arg")
-register("gru", "learned_optim.rules:gru_from_spec_arg")
-register("lstm", "learned_optim.rules:lstm_from_spec_arg")
-register("lopt", "learned_optim.io:from_spec_arg")                # lopt:DIR from learned_optim.save
-
-
-def save(path, rule, meta_params, overwrite=False):
-    """Saves a learned optimizer (see ``learned_optim.io.save``)."""
-    from learned_optim.io import save as _save
-
-    return _save(path, rule, meta_params, overwrite=overwrite)
-
-
-def load(path):
-    """``(rule, meta_params)`` saved by ``save`` (see ``learned_optim.io.load``)."""
-    from learned_optim.io import load as _load
-
-    return _load(path)
-
-
-_LAZY = {
-    "OpenRule": "learned_optim.open", "load_open_weights": "learned_optim.open",
-    "Optim4RLRule": "learned_optim.optim4rl",
-    "MLPRule": "learned_optim.rules", "GRURule": "learned_optim.rules", "LSTMRule": "learned_optim.rules",
-    "LearnedRule": "learned_optim.base",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'learned_optim' has no attribute {name!r}")
+known_optimizers = names  # every optimizer name, sorted (the older name of ``names``)
 
 
 __all__ = [
     "STAT_KINDS", "LayerStats", "get_hyperparam", "required_stats", "set_hyperparam",
-    "from_spec", "known_optimizers", "register", "save", "load", *_LAZY,
+    "registry", "OptimizerInfo", "from_spec", "info", "names", "rule_names", "make_rule", "known_optimizers",
+    "save", "load", "load_open_weights",
+    "dense_layer_stats", "categorical_sampled_loglik", "gaussian_sampled_loglik",
+    "LearnedRule", "OpenRule", "Optim4RLRule", "MLPRule", "GRURule", "LSTMRule",
 ]

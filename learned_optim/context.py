@@ -34,7 +34,7 @@ and ``inject_hyperparams``), so Adam's users pay nothing.
 
 from __future__ import annotations
 
-from typing import Any, FrozenSet, NamedTuple, Optional
+from typing import Any, Dict, FrozenSet, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +107,27 @@ def set_hyperparam(opt_state: Any, name: str, value: jax.Array) -> Any:
 def neutral_key(count: jax.Array) -> jax.Array:
     """Key used when the caller passes none: deterministic in the step count."""
     return jax.random.fold_in(jax.random.key(0), jnp.asarray(count, jnp.uint32))
+
+
+class Context(NamedTuple):
+    """The extra arguments a learned rule reads, neutral values filled in."""
+
+    train_fraction: jax.Array  # float32 scalar
+    batch_fraction: jax.Array  # float32 scalar
+    key: jax.Array             # a PRNG key
+    layer_stats: Any           # a tree of ``LayerStats``, or None
+
+
+def read_context(extra: Dict[str, Any], count: jax.Array) -> Context:
+    """The extra arguments above from ``extra`` (``update``'s keyword
+    arguments), with their neutral values where missing (fractions 0.0, key
+    from the int32 step ``count``)."""
+    def frac(name):
+        v = extra.get(name)
+        return jnp.zeros((), jnp.float32) if v is None else jnp.asarray(v, jnp.float32).reshape(())
+    key = extra.get("key")
+    return Context(frac("train_fraction"), frac("batch_fraction"),
+                   neutral_key(count) if key is None else key, extra.get("layer_stats"))
 
 
 @jax.custom_batching.custom_vmap

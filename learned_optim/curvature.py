@@ -1,5 +1,6 @@
-"""Shared pieces of the curvature-based optimizers (``kfac``, ``diag_ggn``)
-and a helper that computes their ``layer_stats`` in your own training loop.
+"""Shared pieces of the curvature-based optimizers (``kfac``, ``diag_ggn``):
+dense-layer discovery, statistics lookup, health counters, the first-order
+treatment of other leaves, the norm constraint and argument checks.
 
 Which parameters count as dense layers
 --------------------------------------
@@ -12,27 +13,10 @@ first-order update (see ``first_order_*``). With a bias, the bias is K-FAC's
 "homogeneous coordinate": the layer is treated as one ``[in + 1, out]``
 matrix whose last row is the bias.
 
-Supplying ``layer_stats`` in your own loop
-------------------------------------------
-Our agents do it for you. Elsewhere, for any flax model built from
-``nn.Dense`` (no change to the model needed)::
-
-    tx = learned_optim.from_spec("kfac:lr=0.05,damping=1e-3")
-    stats = dense_layer_stats(model, {"params": params}, x,
-                              categorical_sampled_loglik, key)
-    updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
-
-``dense_layer_stats`` intercepts every ``nn.Dense.__call__`` (flax's
-``nn.intercept_methods``), records its input and adds a zero perturbation to
-its output (the pre-activation); the gradient of the summed sampled-target
-log-likelihood w.r.t. those perturbations is the per-example pre-activation
-gradient (flax's ``Module.perturb`` does the same from inside a model, which
-is how ``agents.networks.MLP`` does it). Targets are sampled from the model's
-own predictive distribution, so the statistics describe the true Fisher (for
-exponential-family outputs, the generalised Gauss-Newton matrix); using the
-observed labels instead gives the empirical Fisher. If params nest under a
-name (``{"actor": ..., "critic": ...}``), build the same nesting of stats
-trees: ``{"actor": dense_layer_stats(actor, ...), "critic": ...}``.
+Supplying ``layer_stats``
+-------------------------
+Our agents do it for you; in your own loop, ``learned_optim.layer_stats.dense_layer_stats``
+computes them for any flax model built from ``nn.Dense`` (see that module).
 """
 
 from __future__ import annotations
@@ -114,8 +98,8 @@ def missing_stats_message(who: str) -> str:
         f"dense layer's {{'kernel', 'bias'}} dict is replaced by "
         f"learned_optim.LayerStats(inputs=[B, in], preact_grads=[B, out]). Our agents supply it "
         f"automatically (they ask learned_optim.required_stats(tx, params)); in your own loop, "
-        f"learned_optim.curvature.dense_layer_stats(model, variables, x, sampled_loglik, key) computes "
-        f"it for a flax model (see the learned_optim.curvature docstring)."
+        f"learned_optim.layer_stats.dense_layer_stats(model, variables, x, sampled_loglik, key) computes "
+        f"it for a flax model (see the learned_optim.layer_stats docstring)."
     )
 
 
@@ -328,97 +312,3 @@ def check_number(name: str, value: Any, who: str, low: float = 0.0, high: Option
         hi = "]" if high_inclusive else ")"
         rng = f"{lo}{low:g}, {high:g}{hi}" if high is not None else f"{lo}{low:g}, inf)"
         raise ValueError(f"{who}: {name}={value!r} is outside {rng}")
-
-
-# Statistics for your own training loop -------------------------------------------------
-
-
-def categorical_sampled_loglik(logits: jax.Array, key: jax.Array) -> jax.Array:
-    """``[B, C] -> [B]``: log-probability of a label sampled from the model
-    itself (the true-Fisher target for a softmax output)."""
-    y = jax.lax.stop_gradient(jax.random.categorical(key, logits))
-    return jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
-
-
-def gaussian_sampled_loglik(mean: jax.Array, key: jax.Array, std: float = 1.0) -> jax.Array:
-    """``[B, D] -> [B]``: Gaussian log-likelihood (up to a constant) of a target
-    sampled from ``N(mean, std^2)`` (for a squared-error loss, the Fisher equals
-    the Gauss-Newton matrix)."""
-    y = jax.lax.stop_gradient(mean + std * jax.random.normal(key, mean.shape))
-    return -0.5 * jnp.sum(jnp.square((mean - y) / std).reshape(mean.shape[0], -1), axis=-1)
-
-
-def dense_layer_stats(
-    model: Any,
-    variables: Any,
-    x: Any,
-    sampled_loglik: Callable[[Any, jax.Array], jax.Array],
-    key: jax.Array,
-    **apply_kwargs: Any,
-) -> Any:
-    """``layer_stats`` for every ``nn.Dense`` of a flax linen ``model``.
-
-    model:          a ``flax.linen.Module``; called as ``model.apply(variables,
-                    x, **apply_kwargs)``.
-    sampled_loglik: ``(model_output, key) -> [B]`` per-example log-likelihood
-                    of targets sampled from the model (``categorical_sampled_loglik``,
-                    ``gaussian_sampled_loglik`` or your own).
-    Returns a tree shaped like ``variables["params"]`` down to the dense
-    layers, each replaced by ``LayerStats(inputs [B, in], preact_grads
-    [B, out])``. Each ``Dense`` must be called once per forward pass.
-    """
-    import flax.linen as nn
-
-    def shape_pass():
-        seen = {}
-
-        def record(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                path = tuple(context.module.path)
-                if path in seen:
-                    raise ValueError(
-                        f"dense_layer_stats: layer {'/'.join(path)} is called more than once per "
-                        f"forward pass; per-example statistics of shared layers are not supported"
-                    )
-                seen[path] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-            return out
-
-        with nn.intercept_methods(record):
-            model.apply(variables, x, **apply_kwargs)
-        return seen
-
-    # Output shapes of every Dense, found without running anything.
-    shapes = {}
-
-    def trace_shapes():
-        shapes.update(shape_pass())
-        return 0
-
-    jax.eval_shape(trace_shapes)
-    perts = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes.items()}
-
-    def loglik(perts):
-        inputs = {}
-
-        def perturb(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                path = tuple(context.module.path)
-                inputs[path] = jax.lax.stop_gradient(args[0])
-                out = out + perts[path]
-            return out
-
-        with nn.intercept_methods(perturb):
-            out = model.apply(variables, x, **apply_kwargs)
-        return jnp.sum(sampled_loglik(out, key)), inputs
-
-    grads, inputs = jax.grad(loglik, has_aux=True)(perts)
-    tree: dict = {}
-    for path in shapes:
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = LayerStats(inputs=inputs[path], preact_grads=grads[path])
-    return tree
-

@@ -41,6 +41,9 @@ import jax.numpy as jnp
 import optax
 
 from learned_optim import curvature as cv
+from learned_optim.second_order import (SPEC_NUMBERS, CurvatureState, check_common, effective_damping,
+                                        first_order_leaf, layerwise_transform, safe_step)
+from learned_optim.spec import parse_kwargs
 
 MODES = ("natural", "sqrt")
 _WHO = "scale_by_diag_ggn"
@@ -55,16 +58,12 @@ class DiagGGNLayerState(NamedTuple):
     weight: jax.Array
 
 
-class ScaleByDiagGGNState(NamedTuple):
+class ScaleByDiagGGNState(CurvatureState):
     """``count`` (int32), ``layers`` (tree like params: ``DiagGGNLayerState``
     per dense layer, ``curvature.FirstOrderState`` per other leaf),
     ``health`` (``curvature.CurvatureHealth``)."""
 
-    count: jax.Array
-    layers: Any
-    health: cv.CurvatureHealth
-
-    required_stats = frozenset({"inputs", "preact_grads"})
+    __slots__ = ()
 
 
 def _is_layer_state(x: Any) -> bool:
@@ -93,27 +92,13 @@ def scale_by_diag_ggn(
     by the norm constraint. Returns steps with the gradient's sign."""
     _check_static(mode, first_order, min_damping, fallback_scale)
 
-    def init_fn(params):
-        return ScaleByDiagGGNState(
-            count=jnp.zeros((), jnp.int32),
-            layers=cv.init_layer_states(params, _init_layer),
-            health=cv.CurvatureHealth.zeros(),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        pairs, treedef, layer_states = cv.pair_layer_states(updates, state.layers, _is_layer_state, _WHO)
-        layer_stats = extra_args.get("layer_stats")
+    def layer_steps(pairs, layer_states, state, layer_stats):
         decay = jnp.asarray(ema_decay, jnp.float32)
-        lam = jnp.maximum(jnp.asarray(damping, jnp.float32), jnp.float32(min_damping))
-        lam_ok = jnp.isfinite(lam) & (lam > 0)
-
+        lam, lam_ok = effective_damping(damping, min_damping)
         outs, new_states, skipped, fell_back = [], [], [], []
         for (path, node), ls in zip(pairs, layer_states):
             if not cv.is_dense(node):
-                u, ls = cv.first_order_update(node, ls, first_order)
-                outs.append(u)
-                new_states.append(ls)
+                first_order_leaf(node, ls, first_order, outs, new_states)
                 continue
             a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
             batch = jnp.square(a).T @ jnp.square(g) / a.shape[0]
@@ -125,30 +110,21 @@ def scale_by_diag_ggn(
             fisher = jnp.maximum(ls.diag / jnp.maximum(ls.weight, 1e-30), 0.0)
             curv = fisher if mode == "natural" else jnp.sqrt(fisher)
             v = cv.layer_matrix(node).astype(jnp.float32)
-            u = v / (curv + lam)
-            ok = lam_ok & cv.all_finite(u)
-            u = jnp.where(ok, u, fallback_scale * v)
+            u, ok = safe_step(v / (curv + lam), v, lam_ok, fallback_scale)
             outs.append(cv.unlayer_matrix(u, node))
             new_states.append(ls)
             skipped.append(~ok_stats)
             fell_back.append(~ok)
+        return outs, new_states, cv.next_health(state.health, skipped, fell_back)
 
-        new_state = ScaleByDiagGGNState(
-            count=optax.safe_increment(state.count),
-            layers=jax.tree_util.tree_unflatten(treedef, new_states),
-            health=cv.next_health(state.health, skipped, fell_back),
-        )
-        return cv.finish_steps(outs, pairs, treedef, norm_constraint, learning_rate), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return layerwise_transform(_WHO, ScaleByDiagGGNState, _init_layer, _is_layer_state, layer_steps,
+                               norm_constraint, learning_rate)
 
 
 def _check_static(mode, first_order, min_damping, fallback_scale):
     if mode not in MODES:
         raise ValueError(f"diag_ggn: mode={mode!r}; allowed: {', '.join(MODES)}")
-    cv.check_first_order(first_order, "diag_ggn")
-    cv.check_number("min_damping", min_damping, "diag_ggn")
-    cv.check_number("fallback_scale", fallback_scale, "diag_ggn")
+    check_common("diag_ggn", first_order, min_damping, fallback_scale)
 
 
 def _diag_ggn_chain(learning_rate, damping, ema_decay, norm_constraint, mode, first_order,
@@ -191,16 +167,14 @@ def diag_ggn(
 SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "norm": "norm_constraint"}
 
 
-def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``diag_ggn:lr=0.01,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
     mode=natural|sqrt,first_order=sgd|rms,min_damping=1e-8`` (aliases: ema, norm)."""
-    from learned_optim.spec import parse_kwargs
-
     kwargs = parse_kwargs(
         arg,
-        ("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping", "fallback_scale"),
+        SPEC_NUMBERS,
         choices={"mode": MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
-        spec=f"diag_ggn:{arg}",
+        spec=spec,
     )
     return diag_ggn(**kwargs)

@@ -8,9 +8,10 @@ On disk, ``save(path, rule, meta_params)`` writes a directory ::
     PATH/meta_params/    an orbax checkpoint of the meta-parameter tree
 
 ``metadata.json`` is written last, so an interrupted save is recognised as
-incomplete. ``load(path) -> (rule, meta_params)`` and
-``from_spec("lopt:PATH")`` read it back; any problem is a ``ValueError``
-naming the path and what is wrong.
+incomplete. ``learned_optim.load(path) -> (rule, meta_params)`` and
+``from_spec("lopt:PATH")`` read it back (``learned_optim.registry.load``
+turns the saved kind into its rule class; this module knows no rule kinds);
+any problem is a ``ValueError`` naming the path and what is wrong.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Tuple
+from typing import Any
 
 import jax
 import numpy as np
 
-from learned_optim import base
+from learned_optim.layout import key_name
+from learned_optim.rule import LearnedRule
 
 FORMAT = "learned_optim.rule"
 FORMAT_VERSION = 1
@@ -33,7 +35,7 @@ PARAMS_DIR = "meta_params"
 
 def _leaf_table(tree: Any):
     return [
-        {"path": "/".join(base._key_name(k) for k in path), "shape": list(np.shape(x)),
+        {"path": "/".join(key_name(k) for k in path), "shape": list(np.shape(x)),
          "dtype": str(np.dtype(getattr(x, "dtype", np.float32)))}
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     ]
@@ -45,10 +47,10 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
-def save(path: str, rule: base.LearnedRule, meta_params: Any, overwrite: bool = False) -> str:
+def save(path: str, rule: LearnedRule, meta_params: Any, overwrite: bool = False) -> str:
     """Writes ``rule`` and one member's ``meta_params`` to directory ``path``;
     returns its absolute path. ``overwrite`` replaces an earlier save there."""
-    if not isinstance(rule, base.LearnedRule) or rule.kind not in base.RULE_KINDS:
+    if not isinstance(rule, LearnedRule) or not rule.kind:
         raise ValueError(f"save({path!r}): {rule!r} is not a learned-optimizer rule")
     path = os.path.abspath(os.fspath(path))
     template = rule.meta_params_template()
@@ -114,14 +116,10 @@ def read_metadata(path: str) -> dict:
     return metadata
 
 
-def load(path: str) -> Tuple[base.LearnedRule, Any]:
-    """``(rule, meta_params)`` saved by ``save``."""
+def restore_meta_params(path: str, rule: LearnedRule) -> Any:
+    """The meta-parameters saved under directory ``path`` for ``rule`` (checked:
+    same tree and shapes as ``rule.meta_params_template()``, all finite)."""
     path = os.path.abspath(os.fspath(path))
-    metadata = read_metadata(path)
-    try:
-        rule = base.rule_class(metadata["kind"]).from_config(metadata["config"])
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"learned optimizer {path!r}: bad rule in {METADATA}: {e}") from None
     params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise ValueError(f"learned optimizer {path!r}: missing checkpoint directory {PARAMS_DIR}/ (partial save?)")
@@ -142,12 +140,4 @@ def load(path: str) -> Tuple[base.LearnedRule, Any]:
         raise ValueError(f"learned optimizer {path!r}: checkpoint does not match the {type(rule).__name__} in {METADATA}")
     if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored)):
         raise ValueError(f"learned optimizer {path!r}: meta-parameters contain non-finite values")
-    return rule, restored
-
-
-def from_spec_arg(arg: str):
-    """``lopt:PATH``: the transform of a saved learned optimizer."""
-    if not arg.strip():
-        raise ValueError("optimizer spec 'lopt:PATH' needs a path to a directory written by learned_optim.save")
-    rule, meta_params = load(arg.strip())
-    return rule.make_optimizer(meta_params)
+    return restored

@@ -17,7 +17,7 @@ model, not divided by ``B``). Our agents supply it because the state asks for
 it (``ScaleByKFACState.required_stats``). In your own loop, for a flax model
 made of ``nn.Dense`` layers::
 
-    from learned_optim.curvature import dense_layer_stats, categorical_sampled_loglik
+    from learned_optim.layer_stats import dense_layer_stats, categorical_sampled_loglik
     tx = kfac(learning_rate=0.05, damping=1e-3)
     opt_state = tx.init(params)
     grads = jax.grad(loss_fn)(params, x, y)
@@ -26,7 +26,7 @@ made of ``nn.Dense`` layers::
 
 (``dense_layer_stats`` intercepts each ``nn.Dense`` call: it records the
 input and differentiates through a zero perturbation added to the output,
-like flax's ``Module.perturb``; see ``learned_optim.curvature``.) Without
+like flax's ``Module.perturb``; see ``learned_optim.layer_stats``.) Without
 ``layer_stats``, ``update`` raises a ``ValueError`` saying this, at trace time.
 
 What it computes, per dense layer (``learned_optim.curvature`` says which
@@ -105,6 +105,9 @@ import optax
 from runtime.platform import one_matrix_at_a_time
 from learned_optim import curvature as cv
 from learned_optim.context import any_member
+from learned_optim.second_order import (SPEC_NUMBERS, CurvatureState, check_common, effective_damping,
+                                        first_order_leaf, layerwise_transform, safe_step)
+from learned_optim.spec import parse_kwargs
 
 DAMPING_MODES = ("exact", "factored")
 _WHO = "scale_by_kfac"
@@ -129,16 +132,12 @@ class KFACLayerState(NamedTuple):
     g_eigvals: jax.Array
 
 
-class ScaleByKFACState(NamedTuple):
+class ScaleByKFACState(CurvatureState):
     """``count``: steps done (int32). ``layers``: a tree like params where each
     dense layer dict is a ``KFACLayerState`` and every other leaf a
     ``curvature.FirstOrderState``. ``health``: ``curvature.CurvatureHealth``."""
 
-    count: jax.Array
-    layers: Any
-    health: cv.CurvatureHealth
-
-    required_stats = frozenset({"inputs", "preact_grads"})
+    __slots__ = ()
 
 
 def _is_layer_state(x: Any) -> bool:
@@ -257,17 +256,7 @@ def scale_by_kfac(
     period = int(inverse_update_period)
     fperiod = int(factor_update_period)
 
-    def init_fn(params):
-        return ScaleByKFACState(
-            count=jnp.zeros((), jnp.int32),
-            layers=cv.init_layer_states(params, _init_layer),
-            health=cv.CurvatureHealth.zeros(),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        pairs, treedef, layer_states = cv.pair_layer_states(updates, state.layers, _is_layer_state, _WHO)
-        layer_stats = extra_args.get("layer_stats")
+    def layer_steps(pairs, layer_states, state, layer_stats):
         decay = jnp.asarray(ema_decay, jnp.float32)
 
         # 1. Factor EMAs from this minibatch's per-example statistics, every
@@ -317,31 +306,21 @@ def scale_by_kfac(
         )
 
         # 3. Damped preconditioning; first-order steps for other leaves.
-        lam = jnp.maximum(jnp.asarray(damping, jnp.float32), jnp.float32(min_damping))
-        lam_ok = jnp.isfinite(lam) & (lam > 0)
+        lam, lam_ok = effective_damping(damping, min_damping)
         outs, fell_back, final_states = [], [], []
         for (path, node), ls in zip(pairs, new_states):
             if not cv.is_dense(node):
-                u, ls = cv.first_order_update(node, ls, first_order)
-                outs.append(u)
-                final_states.append(ls)
+                first_order_leaf(node, ls, first_order, outs, final_states)
                 continue
             v = cv.layer_matrix(node)
-            u = kfac_precondition(ls, v, lam, damping_mode)
-            ok = lam_ok & cv.all_finite(u)
-            u = jnp.where(ok, u, fallback_scale * v.astype(jnp.float32))
+            u, ok = safe_step(kfac_precondition(ls, v, lam, damping_mode), v, lam_ok, fallback_scale)
             outs.append(cv.unlayer_matrix(u, node))
             final_states.append(ls)
             fell_back.append(~ok)
+        return outs, final_states, cv.next_health(state.health, [skipped], fell_back, failed)
 
-        new_state = ScaleByKFACState(
-            count=optax.safe_increment(state.count),
-            layers=jax.tree_util.tree_unflatten(treedef, final_states),
-            health=cv.next_health(state.health, [skipped], fell_back, failed),
-        )
-        return cv.finish_steps(outs, pairs, treedef, norm_constraint, learning_rate), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return layerwise_transform(_WHO, ScaleByKFACState, _init_layer, _is_layer_state, layer_steps,
+                               norm_constraint, learning_rate)
 
 
 def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
@@ -351,9 +330,7 @@ def _check_static(inverse_update_period, damping_mode, first_order, min_damping,
             raise ValueError(f"kfac: {name} must be an integer >= 1, got {v!r}")
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"kfac: damping_mode={damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}")
-    cv.check_first_order(first_order, "kfac")
-    cv.check_number("min_damping", min_damping, "kfac")
-    cv.check_number("fallback_scale", fallback_scale, "kfac")
+    check_common("kfac", first_order, min_damping, fallback_scale)
 
 
 def _kfac_chain(learning_rate, damping, ema_decay, norm_constraint, inverse_update_period,
@@ -406,18 +383,16 @@ SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "period": "inverse_up
                 "norm": "norm_constraint", "mode": "damping_mode", "fperiod": "factor_update_period"}
 
 
-def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``kfac:lr=0.05,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
     inverse_update_period=5,factor_update_period=1,damping_mode=exact|factored,
     first_order=sgd|rms,min_damping=1e-8`` (aliases: ema, period, fperiod, norm, mode)."""
-    from learned_optim.spec import parse_kwargs
-
     kwargs = parse_kwargs(
         arg,
-        ("learning_rate", "damping", "ema_decay", "norm_constraint", "min_damping", "fallback_scale"),
+        SPEC_NUMBERS,
         integer=("inverse_update_period", "factor_update_period"),
         choices={"damping_mode": DAMPING_MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
-        spec=f"kfac:{arg}",
+        spec=spec,
     )
     return kfac(**kwargs)

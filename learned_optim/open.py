@@ -19,7 +19,7 @@ correction) for ``b`` in ``BETAS``:
            -- features 0-14 normalised per tensor and per feature by
               x / sqrt(1e-5 + mean(x**2)) over the tensor's elements --
     15     training proportion   (extra arg ``train_fraction``; neutral 0.0)
-    16     layer proportion      (from the params tree, see ``base.LeafInfo``;
+    16     layer proportion      (from the params tree, see ``layout.LeafInfo``;
                                   ``log_std`` counts as the actor's last entry,
                                   as in the published code; 0.0 without layers)
     17     batch proportion      (extra arg ``batch_fraction``; neutral 0.0)
@@ -41,7 +41,6 @@ Sequential MLP vars}``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, ClassVar, NamedTuple, Tuple
 
@@ -51,7 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_optim import base, open_kernel, prng
+from learned_optim.cells import GRUWeights, gru_cell, gru_weights
+from learned_optim.context import read_context
+from learned_optim.features import flat_dormancy, normalise, normalise_by_tensor, update_momenta
+from learned_optim.layout import check_flat_state, flat_layout, flat_size, flatten_elements, leaf_infos, split_elements
+from learned_optim.rule import LearnedRule, check_positive_int
+from learned_optim.spec import parse_kwargs
 
 BETAS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 NUM_FEATURES = 19
@@ -86,7 +90,7 @@ def open_state_by_leaf(state: "OpenState", params: Any) -> Tuple[Any, Any]:
     ``[*S, gru_features]`` (copies, for inspection)."""
     leaves, treedef = jax.tree.flatten(params)
     shapes = [jnp.shape(x) for x in leaves]
-    split = lambda a: jax.tree.unflatten(treedef, base.split_elements(a.T, shapes))  # noqa: E731
+    split = lambda a: jax.tree.unflatten(treedef, split_elements(a.T, shapes))  # noqa: E731
     return split(state.momenta), split(state.carry)
 
 
@@ -110,7 +114,7 @@ def open_features(p, g, momenta, train_fraction, layer_prop, batch_fraction, dor
         ],
         axis=-1,
     )
-    normalised = base.second_moment_normalise(normalised)
+    normalised = normalise(normalised, tuple(range(len(shape))))
     const = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape)[..., None]  # noqa: E731
     return jnp.concatenate(
         [normalised, const(train_fraction), const(layer_prop), const(batch_fraction),
@@ -129,7 +133,7 @@ def _mlp(hidden_size: int) -> nn.Module:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenRule(base.LearnedRule):
+class OpenRule(LearnedRule):
     """OPEN's architecture and step scales.
 
     gru_features: GRU hidden size (8 published; 16 for the larger variant).
@@ -147,8 +151,8 @@ class OpenRule(base.LearnedRule):
     actor_noise: bool = True
 
     def __post_init__(self):
-        base.check_positive_int("OpenRule", "gru_features", self.gru_features)
-        base.check_positive_int("OpenRule", "hidden_size", self.hidden_size)
+        check_positive_int("OpenRule", "gru_features", self.gru_features)
+        check_positive_int("OpenRule", "hidden_size", self.hidden_size)
 
     def init_meta_params(self, key: jax.Array) -> Any:
         """``{"gru_params": GRUCell vars, "params": MLP vars}`` (flax default inits)."""
@@ -167,7 +171,7 @@ class OpenRule(base.LearnedRule):
 class _Prepared(NamedTuple):
     """OPEN's network weights arranged for the feature-major forward pass."""
 
-    gru: base.GRUWeights
+    gru: GRUWeights
     layers: Tuple[Tuple[jax.Array, jax.Array, jax.Array, jax.Array], ...]  # (W^T centred, b centred, scale, bias)
     out_w: jax.Array          # [3, hidden]
     out_b: jax.Array          # [3]
@@ -185,7 +189,7 @@ def _prepare(meta_params: Any) -> _Prepared:
         w, b = mlp[dense]["kernel"], mlp[dense]["bias"]
         layers.append(((w - jnp.mean(w, axis=1, keepdims=True)).T, b - jnp.mean(b),
                        mlp[norm]["scale"], mlp[norm]["bias"]))
-    return _Prepared(base.gru_weights(meta_params["gru_params"]), tuple(layers),
+    return _Prepared(gru_weights(meta_params["gru_params"]), tuple(layers),
                      mlp["layers_6"]["kernel"].T, mlp["layers_6"]["bias"])
 
 
@@ -198,7 +202,7 @@ def open_network(prep: _Prepared, carry: jax.Array, x: jax.Array) -> Tuple[jax.A
     carry: ``[H, N]``; x: ``[19, N]``. Returns the new carry ``[H, N]`` and
     the outputs ``[3, N]``. Equal (to float rounding) to
     ``mlp.apply(GRUCell.apply(carry.T, x.T)[1]).T`` with the same parameters."""
-    h = base.gru_feature_major(prep.gru, carry, x)
+    h = gru_cell(prep.gru, carry, x)
     y = h
     for w_centred, b_centred, scale, bias in prep.layers:
         a = jnp.dot(w_centred, y) + b_centred[:, None]                 # already mean-free over features
@@ -210,15 +214,11 @@ def open_network(prep: _Prepared, carry: jax.Array, x: jax.Array) -> Tuple[jax.A
 
 
 def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.GradientTransformationExtraArgs:
-    """OPEN's update (the optax update is ``-step``); needs ``params``.
-
-    On x86-64 CPUs the network runs as a fused kernel (``open_kernel``; the
-    same values to float rounding, ``METARL_OPEN_KERNEL=0`` turns it off)."""
+    """OPEN's update (the optax update is ``-step``); needs ``params``."""
     prep = _prepare(meta_params)
-    network = open_kernel.fused(open_network)
 
     def init_fn(params):
-        n = base.flat_size(params)
+        n = flat_size(params)
         return OpenState(momenta=jnp.zeros((len(BETAS), n), jnp.float32),
                          carry=jnp.zeros((rule.gru_features, n), jnp.float32),
                          count=jnp.zeros((), jnp.int32))
@@ -226,71 +226,55 @@ def scale_by_open(meta_params: Any, rule: OpenRule = OpenRule()) -> optax.Gradie
     def update_fn(updates, state, params=None, **extra):
         if params is None:
             raise ValueError("OPEN needs the current params: call tx.update(grads, state, params, ...)")
-        ctx = base.read_context(extra, state.count)
+        ctx = read_context(extra, state.count)
         g_leaves, treedef = jax.tree.flatten(updates)
         p_leaves = treedef.flatten_up_to(params)
-        infos = base.leaf_infos(jax.tree.unflatten(treedef, p_leaves))
-        shapes = [jnp.shape(g) for g in g_leaves]
-        layout = base.flat_layout(infos, shapes)
-        n = layout.segments.shape[0]
-        base.check_flat_state("OPEN", state.momenta, n)
-        ends = np.cumsum([math.prod(s) for s in shapes])
-        spans = list(zip(np.concatenate([[0], ends[:-1]]), ends))
+        infos = leaf_infos(jax.tree.unflatten(treedef, p_leaves))
+        layout = flat_layout(infos, [jnp.shape(g) for g in g_leaves])
+        n = layout.size
+        check_flat_state("OPEN", state.momenta, n)
 
         # All elements of all tensors at once, features along the leading axis;
         # ``open_features`` is the per-tensor statement of the same computation.
-        g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in g_leaves])
-        p = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in p_leaves])
-        # feature-major, like the state: updating through [N, 6] (base.update_momenta)
-        # cost two transposes of the momenta, ~13% of the step on CPU
-        b = jnp.asarray(BETAS, jnp.float32)[:, None]
-        m = b * state.momenta + (1.0 - b) * g[None]                            # [6, N]
-        normalised = _normalised_features(p, g, m, spans)                    # [15, N]
-        others = jnp.stack([                                                  # [4, N]
-            jnp.broadcast_to(ctx.train_fraction, (n,)).astype(jnp.float32),
-            jnp.asarray(layout.layer_prop, jnp.float32),
-            jnp.broadcast_to(ctx.batch_fraction, (n,)).astype(jnp.float32),
-            base.flat_dormancy(ctx.layer_stats, infos, layout),
-        ])
-        # the network's input is [normalised; others] ([19, N]), passed in two
-        # parts: the kernel reads them in place instead of a 19-row copy
-        new_carry, o = network(prep, state.carry, normalised, others)
+        g = flatten_elements(g_leaves)                                          # [N]
+        p = flatten_elements(p_leaves)                                          # [N]
+        # feature-major, like the state: updating through [N, 6] would cost two
+        # transposes of the momenta, ~13% of the step on CPU
+        m = update_momenta(state.momenta, g, BETAS, axis=0)                     # [6, N]
+        x = jnp.concatenate([
+            _normalised_features(p, g, m, layout.spans),                        # [15, N]
+            jnp.broadcast_to(ctx.train_fraction, (1, n)).astype(jnp.float32),
+            jnp.asarray(layout.layer_prop, jnp.float32)[None],
+            jnp.broadcast_to(ctx.batch_fraction, (1, n)).astype(jnp.float32),
+            flat_dormancy(ctx.layer_stats, infos, layout)[None],
+        ])                                                                      # [19, N]
+        new_carry, o = open_network(prep, state.carry, x)
         step = o[0] * rule.step_mult * jnp.exp(o[1] * rule.exp_mult)
         if rule.actor_noise and layout.is_actor.any():
-            step = step + o[2] * rule.step_mult * _actor_noise(ctx.key, infos, spans)
+            step = step + o[2] * rule.step_mult * _actor_noise(ctx.key, infos, layout.spans)
         step = step - jnp.mean(step)
 
-        out = [(-step[a:b]).reshape(s).astype(jnp.result_type(u)) for (a, b), s, u in zip(spans, shapes, g_leaves)]
+        out = [(-step[a:b]).reshape(s).astype(jnp.result_type(u))
+               for (a, b), s, u in zip(layout.spans, layout.shapes, g_leaves)]
         return jax.tree.unflatten(treedef, out), OpenState(momenta=m, carry=new_carry, count=state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _normalised_features(p: jax.Array, g: jax.Array, m: jax.Array, spans) -> jax.Array:
-    """Features 0-14 (``[15, N]``), each divided per tensor by ``sqrt(1e-5 +
-    mean(x**2))``; ``spans`` are the tensors' ``(start, end)`` element ranges.
-
-    The log-magnitudes are computed once; each tensor's slice is scaled by its
-    own statistics and the pieces concatenated, which XLA writes in one pass
-    into the network's input. (Broadcasting per-tensor scales back over the
-    whole ``[15, N]`` block and multiplying once gave the same values bit for
-    bit but cost ~0.5 ms more per step once the network ran as a kernel.)"""
+    """Features 0-14 (``[15, N]``) from ``p, g [N]`` and momenta ``m [6, N]``,
+    each normalised per tensor (``spans``: the tensors' element ranges)."""
     logm = jnp.log(jnp.abs(m) + LOG_EPS)                                   # [6, N]
     logg = jnp.log(jnp.abs(g) + LOG_EPS)[None]                             # [1, N]
     raw = jnp.concatenate([p[None], jnp.sign(m), logm, jnp.sign(g)[None], logg], axis=0)
-    pieces = []
-    for a, b in spans:
-        r = raw[:, a:b]
-        pieces.append(r * jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(r), axis=1, keepdims=True)))
-    return jnp.concatenate(pieces, axis=1)
+    return normalise_by_tensor(raw, spans, axis=1)
 
 
 def _actor_noise(key: jax.Array, infos, spans) -> jax.Array:
     """``[N]``: N(0, 1) on actor elements, 0 elsewhere; draws only as many
-    normals as there are actor elements (``jax.random.normal``'s values, see
-    ``learned_optim.prng`` for why not its call)."""
+    normals as there are actor elements."""
     sizes = [int(b - a) for a, b in spans]
-    eps = prng.standard_normal(key, sum(s for s, i in zip(sizes, infos) if i.is_actor))
+    eps = jax.random.normal(key, (sum(s for s, i in zip(sizes, infos) if i.is_actor),), jnp.float32)
     pieces, start = [], 0
     for size, info in zip(sizes, infos):
         if info.is_actor:
@@ -332,14 +316,11 @@ def load_open_weights(path: str) -> Tuple[OpenRule, Any]:
     return rule, rule.unflatten(flat.astype(np.float32))
 
 
-# Spec builders (registered in learned_optim/__init__.py) ---------------------------
+# Spec builders (``learned_optim.registry``) -----------------------------------------
 
 
-def _fresh(rule: OpenRule, name: str, arg: str):
-    from learned_optim.spec import parse_kwargs
-
-    kw = parse_kwargs(arg, ("seed",), f"{name}:{arg}")
-    seed = int(kw.get("seed", 0))
+def _fresh(rule: OpenRule, arg: str, spec: str):
+    seed = int(parse_kwargs(arg, ("seed",), spec).get("seed", 0))
     return rule.make_optimizer(rule.init_meta_params(jax.random.key(seed)))
 
 
@@ -348,14 +329,14 @@ def _looks_like_path(arg: str) -> bool:
     return bool(a) and ("=" not in a or a.endswith(".npy") or os.sep in a)
 
 
-def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``open:PATH.npy`` (published weights) or ``open[:seed=N]`` (fresh, small)."""
     if _looks_like_path(arg):
         rule, meta_params = load_open_weights(arg.strip())
         return rule.make_optimizer(meta_params)
-    return _fresh(OPEN_SMALL, "open", arg)
+    return _fresh(OPEN_SMALL, arg, spec)
 
 
-def large_from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+def large_from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``open_large[:seed=N]``: fresh larger OPEN (GRU 16, MLP 32; 3571 floats)."""
-    return _fresh(OPEN_LARGE, "open_large", arg)
+    return _fresh(OPEN_LARGE, arg, spec)

@@ -26,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from learned_optim import base
+from learned_optim.cells import gru_cell, gru_weights
+from learned_optim.layout import check_flat_state, flat_size, flatten_elements, split_elements
+from learned_optim.rule import LearnedRule, check_positive_int
+from learned_optim.spec import parse_kwargs
 
 
 class Optim4RLState(NamedTuple):
     """carry_m, carry_v: ``[H, N]`` float32, the two GRU states, flat and
     feature-major over the ``N`` parameter elements in ``jax.tree.leaves``
-    order (see ``base.gru_feature_major`` for why)."""
+    order (see ``learned_optim.cells`` for why)."""
 
     carry_m: jax.Array
     carry_v: jax.Array
@@ -45,33 +48,33 @@ def scale_by_optim4rl(meta_params: Any, hidden_size: int = 8, grad_clip: float =
     meta_params: ``{"m_gru", "m_out", "v_gru", "v_out"}`` flax variable dicts
     (see ``Optim4RLRule.init_meta_params``). Extra arguments are ignored.
     """
-    gru_m, gru_v = base.gru_weights(meta_params["m_gru"]), base.gru_weights(meta_params["v_gru"])
+    gru_m, gru_v = gru_weights(meta_params["m_gru"]), gru_weights(meta_params["v_gru"])
     head_m, head_v = meta_params["m_out"]["params"], meta_params["v_out"]["params"]
 
     def init_fn(params):
-        zeros = jnp.zeros((hidden_size, base.flat_size(params)), jnp.float32)
+        zeros = jnp.zeros((hidden_size, flat_size(params)), jnp.float32)
         return Optim4RLState(carry_m=zeros, carry_v=zeros)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         g_leaves, treedef = jax.tree.flatten(updates)
         shapes = [jnp.shape(g) for g in g_leaves]
-        g = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in g_leaves])   # [N]
-        base.check_flat_state("Optim4RL", state.carry_m, g.shape[0])
+        g = flatten_elements(g_leaves)                                             # [N]
+        check_flat_state("Optim4RL", state.carry_m, g.shape[0])
         g = jnp.clip(g, -grad_clip, grad_clip)[None]                                # [1, N]
-        cm = base.gru_feature_major(gru_m, state.carry_m, g)
-        cv = base.gru_feature_major(gru_v, state.carry_v, jnp.square(g))
+        cm = gru_cell(gru_m, state.carry_m, g)
+        cv = gru_cell(gru_v, state.carry_v, jnp.square(g))
         log_m = jnp.dot(head_m["kernel"].T, cm)[0] + head_m["bias"][0]
         log_v = jnp.dot(head_v["kernel"].T, cv)[0] + head_v["bias"][0]
         direction = jnp.sign(g[0]) * jnp.exp(log_m) * jax.lax.rsqrt(jnp.exp(log_v) + eps)
-        out = [d.astype(jnp.result_type(x)) for d, x in zip(base.split_elements(direction, shapes), g_leaves)]
+        out = [d.astype(jnp.result_type(x)) for d, x in zip(split_elements(direction, shapes), g_leaves)]
         return jax.tree.unflatten(treedef, out), Optim4RLState(carry_m=cm, carry_v=cv)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @dataclasses.dataclass(frozen=True)
-class Optim4RLRule(base.LearnedRule):
+class Optim4RLRule(LearnedRule):
     """hidden_size: GRU width (8 published); learning_rate: default step size
     (1e-3..3e-3 on gridworlds, 3e-4 on Brax in the paper); grad_clip:
     elementwise gradient clip; eps: inside the square root."""
@@ -84,7 +87,7 @@ class Optim4RLRule(base.LearnedRule):
     eps: float = 1e-8
 
     def __post_init__(self):
-        base.check_positive_int("Optim4RLRule", "hidden_size", self.hidden_size)
+        check_positive_int("Optim4RLRule", "hidden_size", self.hidden_size)
         if not self.grad_clip > 0:
             raise ValueError(f"Optim4RLRule.grad_clip must be positive, got {self.grad_clip!r}")
 
@@ -97,6 +100,10 @@ class Optim4RLRule(base.LearnedRule):
             "v_gru": gru.init(ks[2], carry, x), "v_out": head.init(ks[3], h),
         }
 
+    @property
+    def default_lr(self) -> float:
+        return self.learning_rate
+
     def make_optimizer(self, meta_params: Any) -> optax.GradientTransformationExtraArgs:
         return optax.chain(
             scale_by_optim4rl(meta_params, self.hidden_size, self.grad_clip, self.eps),
@@ -104,11 +111,9 @@ class Optim4RLRule(base.LearnedRule):
         )
 
 
-def from_spec_arg(arg: str) -> optax.GradientTransformationExtraArgs:
+def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``optim4rl[:seed=N,lr=X,grad_clip=C,hidden=H]``: freshly initialised Optim4RL."""
-    from learned_optim.spec import parse_kwargs
-
-    kw = parse_kwargs(arg, ("seed", "learning_rate", "grad_clip", "hidden"), f"optim4rl:{arg}")
+    kw = parse_kwargs(arg, ("seed", "learning_rate", "grad_clip", "hidden"), spec)
     seed = int(kw.pop("seed", 0))
     if "hidden" in kw:
         kw["hidden_size"] = int(kw.pop("hidden"))

@@ -16,7 +16,7 @@ per tensor, normalised together by ``x / sqrt(1e-5 + mean(x**2))``:
     "sign_log"  sign and log(|x| + 1e-13) of g and each momentum  (2 + 2K)
 not normalised:
     "time"      train_fraction, batch_fraction (extra args)       (2)
-    "layer"     layer proportion (see ``base.LeafInfo``)          (1)
+    "layer"     layer proportion (see ``layout.LeafInfo``)        (1)
     "dormancy"  the output neuron's dormancy (asks for ``layer_stats``
                 outputs; neutral 1.0)                             (1)
     "actor"     1.0 for actor parameters, else 0.0                (1)
@@ -30,14 +30,19 @@ small (``out_scale``) so a fresh rule starts near a tiny random step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Tuple
+from typing import Any, Callable, ClassVar, NamedTuple, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from learned_optim import base
+from learned_optim.cells import gru_cell, gru_weights
+from learned_optim.context import Context, read_context
+from learned_optim.features import flat_dormancy, normalise_by_tensor, update_momenta
+from learned_optim.layout import FlatLayout, flat_layout, flatten_elements, leaf_infos, split_elements
+from learned_optim.rule import LearnedRule, check_positive_int
+from learned_optim.spec import parse_kwargs
 
 FEATURES = ("param", "grad", "momenta", "rms", "sign_log", "time", "layer", "dormancy", "actor")
 NORMALISED = ("param", "grad", "momenta", "rms", "sign_log")
@@ -79,7 +84,7 @@ class _Head(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class _PerParamRule(base.LearnedRule):
+class _PerParamRule(LearnedRule):
     features: Tuple[str, ...] = ("param", "grad", "momenta", "rms", "time")
     betas: Tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
     rms_beta: float = 0.999
@@ -114,11 +119,11 @@ class _PerParamRule(base.LearnedRule):
     def _uses_momenta(self) -> bool:
         return bool({"momenta", "rms", "sign_log"} & set(self.features))
 
-    def _features(self, p, g, m, v, ctx: base.Context, infos, layout: base.FlatLayout) -> jax.Array:
+    def _features(self, p, g, m, v, ctx: Context, infos, layout: FlatLayout) -> jax.Array:
         """``[N, num_features]`` for all elements laid end to end.
 
         p, g: ``[N]``; m: ``[N, K]`` updated momenta (or None); v: ``[N]``
-        updated EMA of g**2 (or None); infos/layout: see ``base``.
+        updated EMA of g**2 (or None); infos/layout: see ``learned_optim.layout``.
         """
         n = g.shape[0]
         norm, const = [], []
@@ -140,10 +145,10 @@ class _PerParamRule(base.LearnedRule):
             elif f == "layer":
                 const.append(jnp.asarray(layout.layer_prop))
             elif f == "dormancy":
-                const.append(base.flat_dormancy(ctx.layer_stats, infos, layout))
+                const.append(flat_dormancy(ctx.layer_stats, infos, layout))
             elif f == "actor":
                 const.append(jnp.asarray(layout.is_actor))
-        parts = [base.flat_normalise(jnp.concatenate(norm, axis=-1), layout)] if norm else []
+        parts = [normalise_by_tensor(jnp.concatenate(norm, axis=-1), layout.spans, axis=0)] if norm else []
         parts += [c.astype(jnp.float32)[:, None] for c in const]
         return jnp.concatenate(parts, axis=-1)
 
@@ -182,28 +187,28 @@ class _PerParamRule(base.LearnedRule):
         def update_fn(updates, state, params=None, **extra):
             if params is None and "param" in rule.features:
                 raise ValueError(f"{type(rule).__name__} with feature 'param' needs the current params")
-            ctx = base.read_context(extra, state.count)
+            ctx = read_context(extra, state.count)
             g_leaves, treedef = jax.tree.flatten(updates)
             p_leaves = treedef.flatten_up_to(params) if params is not None else g_leaves
-            infos = base.leaf_infos(jax.tree.unflatten(treedef, p_leaves))
-            layout = base.flat_layout(infos, [jnp.shape(x) for x in g_leaves])
-            split = lambda flat: jax.tree.unflatten(treedef, base.split_elements(flat, layout.shapes))  # noqa: E731
+            infos = leaf_infos(jax.tree.unflatten(treedef, p_leaves))
+            layout = flat_layout(infos, [jnp.shape(x) for x in g_leaves])
+            split = lambda flat: jax.tree.unflatten(treedef, split_elements(flat, layout.shapes))  # noqa: E731
 
-            g = base.flatten_elements(g_leaves)
+            g = flatten_elements(g_leaves)
             m = v = new_m = new_v = None
             if state.momenta is not None:
-                m = base.update_momenta(base.flatten_elements(treedef.flatten_up_to(state.momenta), (k,)), g, rule.betas)
+                m = update_momenta(flatten_elements(treedef.flatten_up_to(state.momenta), (k,)), g, rule.betas)
                 new_m = split(m)
             if state.rms is not None:
-                v = rule.rms_beta * base.flatten_elements(treedef.flatten_up_to(state.rms)) + (1 - rule.rms_beta) * g * g
+                v = rule.rms_beta * flatten_elements(treedef.flatten_up_to(state.rms)) + (1 - rule.rms_beta) * g * g
                 new_v = split(v)
-            p = base.flatten_elements(p_leaves) if "param" in rule.features else None
+            p = flatten_elements(p_leaves) if "param" in rule.features else None
             x = rule._features(p, g, m, v, ctx, infos, layout)
-            carry = tuple(base.flatten_elements(treedef.flatten_up_to(c), (h,))
+            carry = tuple(flatten_elements(treedef.flatten_up_to(c), (h,))
                           for c, h in zip(state.carry, rule._carry_sizes()))
             carry, o = rule._apply_core(meta_params, carry, x)
             step = o[:, 0] * rule.step_mult * jnp.exp(o[:, 1] * rule.exp_mult)
-            out = [(-s).astype(jnp.result_type(u)) for s, u in zip(base.split_elements(step, layout.shapes), g_leaves)]
+            out = [(-s).astype(jnp.result_type(u)) for s, u in zip(split_elements(step, layout.shapes), g_leaves)]
             new_state = state_cls(momenta=new_m, rms=new_v, carry=tuple(split(c) for c in carry),
                                   count=state.count + 1)
             return jax.tree.unflatten(treedef, out), new_state
@@ -222,7 +227,7 @@ class MLPRule(_PerParamRule):
         super().__post_init__()
         object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
         for h in self.hidden_sizes:
-            base.check_positive_int("MLPRule", "hidden_sizes", h)
+            check_positive_int("MLPRule", "hidden_sizes", h)
 
     def _init_core(self, key):
         return _Head(self.hidden_sizes, self.out_scale).init(key, jnp.zeros((self.num_features,)))
@@ -239,11 +244,16 @@ class _RecurrentRule(_PerParamRule):
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "head_sizes", tuple(self.head_sizes))
-        base.check_positive_int(type(self).__name__, "hidden_size", self.hidden_size)
+        check_positive_int(type(self).__name__, "hidden_size", self.hidden_size)
         for h in self.head_sizes:
-            base.check_positive_int(type(self).__name__, "head_sizes", h)
+            check_positive_int(type(self).__name__, "head_sizes", h)
 
     def _cell(self) -> nn.Module:
+        """The flax cell whose parameters the rule holds (its ``init``)."""
+        raise NotImplementedError
+
+    def _step_cell(self, cell_params, carry, x):
+        """``x [N, F]``, carry tuple of ``[N, H]`` -> (carry, outputs ``[N, H]``)."""
         raise NotImplementedError
 
     def _init_core(self, key):
@@ -256,9 +266,7 @@ class _RecurrentRule(_PerParamRule):
         }
 
     def _apply_core(self, meta_params, carry, x):
-        c = carry[0] if len(carry) == 1 else carry
-        c, h = self._cell().apply(meta_params["cell"], c, x)
-        carry = (c,) if len(carry) == 1 else tuple(c)
+        carry, h = self._step_cell(meta_params["cell"], carry, x)
         return carry, _Head(self.head_sizes, self.out_scale).apply(meta_params["head"], h)
 
 
@@ -274,6 +282,10 @@ class GRURule(_RecurrentRule):
     def _cell(self):
         return nn.GRUCell(features=self.hidden_size)
 
+    def _step_cell(self, cell_params, carry, x):
+        h = gru_cell(gru_weights(cell_params), carry[0].T, x.T).T
+        return (h,), h
+
 
 @dataclasses.dataclass(frozen=True)
 class LSTMRule(_RecurrentRule):
@@ -287,33 +299,29 @@ class LSTMRule(_RecurrentRule):
     def _cell(self):
         return nn.LSTMCell(features=self.hidden_size)
 
-
-# Spec builders (registered in learned_optim/__init__.py) ---------------------------
-
-_SPEC_CLASSES = {"mlp": MLPRule, "gru": GRURule, "lstm": LSTMRule}
-
-
-def _from_spec(name: str, arg: str) -> optax.GradientTransformationExtraArgs:
-    """``NAME[:seed=N,hidden=H,step_mult=X,exp_mult=Y]``: a fresh rule; ``hidden``
-    sets the MLP's two layer widths or the recurrent cell's size."""
-    from learned_optim.spec import parse_kwargs
-
-    kw = parse_kwargs(arg, ("seed", "hidden", "step_mult", "exp_mult"), f"{name}:{arg}")
-    seed = int(kw.pop("seed", 0))
-    if "hidden" in kw:
-        h = int(kw.pop("hidden"))
-        kw["hidden_sizes" if name == "mlp" else "hidden_size"] = (h, h) if name == "mlp" else h
-    rule = _SPEC_CLASSES[name](**kw)
-    return rule.make_optimizer(rule.init_meta_params(jax.random.key(seed)))
+    def _step_cell(self, cell_params, carry, x):
+        (c, h), out = self._cell().apply(cell_params, tuple(carry), x)
+        return (c, h), out
 
 
-def mlp_from_spec_arg(arg: str):
-    return _from_spec("mlp", arg)
+# Spec builders (``learned_optim.registry``) -----------------------------------------
 
 
-def gru_from_spec_arg(arg: str):
-    return _from_spec("gru", arg)
+def spec_builder(rule_cls: type) -> Callable[[str, str], optax.GradientTransformationExtraArgs]:
+    """``(arg, spec) -> transform`` for ``NAME[:seed=N,hidden=H,step_mult=X,exp_mult=Y]``:
+    a fresh ``rule_cls``; ``hidden`` sets the MLP's two layer widths or the
+    recurrent cell's size."""
 
+    def build(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
+        kw = parse_kwargs(arg, ("seed", "hidden", "step_mult", "exp_mult"), spec)
+        seed = int(kw.pop("seed", 0))
+        if "hidden" in kw:
+            h = int(kw.pop("hidden"))
+            if issubclass(rule_cls, MLPRule):
+                kw["hidden_sizes"] = (h, h)
+            else:
+                kw["hidden_size"] = h
+        rule = rule_cls(**kw)
+        return rule.make_optimizer(rule.init_meta_params(jax.random.key(seed)))
 
-def lstm_from_spec_arg(arg: str):
-    return _from_spec("lstm", arg)
+    return build

@@ -1,65 +1,18 @@
 """Optimizer specs: one string names an optimizer and its settings.
 
-    adam                      Adam, lr 3e-4
+    adam                      a name (``learned_optim.registry.names()``)
     adam:lr=1e-3,eps=1e-5     keyword settings after a colon, comma separated
-    rmsprop / sgd / lion / adamw
-    kfac:lr=...,damping=...   second-order (see learned_optim.kfac)
-    diag_ggn:lr=...,mode=...  diagonal Gauss-Newton (see learned_optim.diag_ggn)
-    open:PATH.npy             OPEN with published weights (see learned_optim.open)
-    lopt:DIR                  a learned optimizer saved by learned_optim.save
-    open / optim4rl / mlp / gru / lstm [:seed=N]   freshly initialised rules
+    open:PATH.npy / lopt:DIR  or a path, for optimizers read from files
 
-``from_spec`` returns an ``optax.GradientTransformationExtraArgs``. Numeric
-hyperparameters of hand-designed optimizers are injected
-(``optax.inject_hyperparams``), so ``learning_rate`` lives in the optimizer
-state where agents and PBT can change it without recompiling.
+This module only parses such strings; ``learned_optim.registry`` knows the
+optimizers and builds them (``learned_optim.from_spec``).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict, Tuple
 
-import optax
-
-# name -> (builder, allowed keyword settings, defaults). Builders of other
-# modules are named "module:function" and imported on first use.
 _LR_ALIASES = {"lr": "learning_rate"}
-
-
-def _hand_designed(factory: Callable, defaults: Dict[str, float]):
-    def build(**kwargs):
-        settings = {**defaults, **kwargs}
-        return optax.with_extra_args_support(optax.inject_hyperparams(factory)(**settings))
-
-    return build, tuple(defaults)
-
-
-_BUILTIN = {
-    "adam": _hand_designed(optax.adam, {"learning_rate": 3e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8}),
-    "adamw": _hand_designed(
-        optax.adamw, {"learning_rate": 3e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4}
-    ),
-    "sgd": _hand_designed(optax.sgd, {"learning_rate": 1e-2, "momentum": 0.0}),
-    "rmsprop": _hand_designed(
-        optax.rmsprop, {"learning_rate": 3e-4, "decay": 0.99, "eps": 1e-5, "momentum": 0.0}
-    ),
-    "lion": _hand_designed(optax.lion, {"learning_rate": 3e-5, "b1": 0.9, "b2": 0.99, "weight_decay": 0.0}),
-}
-
-# Optimizers implemented in other modules of this package: "module:function";
-# the function takes the spec's argument string (after the colon, may be "")
-# and returns the transform, raising ValueError on bad settings.
-_EXTERNAL: Dict[str, str] = {}
-
-
-def register(name: str, target: str) -> None:
-    """Declares ``name`` as built by ``"module:function"`` (imported lazily)."""
-    _EXTERNAL[name] = target
-
-
-def known_optimizers() -> Tuple[str, ...]:
-    return tuple(sorted(set(_BUILTIN) | set(_EXTERNAL)))
 
 
 def parse_kwargs(arg: str, allowed, spec: str, integer=(), choices=None, aliases=None) -> Dict[str, Any]:
@@ -126,20 +79,6 @@ def split_spec_list(text: str) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def from_spec(spec: str) -> optax.GradientTransformationExtraArgs:
-    """The optax transform that ``spec`` names (see the module docstring)."""
-    name, arg = split_spec(spec)
-    if name in _BUILTIN:
-        build, allowed = _BUILTIN[name]
-        return build(**parse_kwargs(arg, allowed, spec))
-    if name in _EXTERNAL:
-        module, func = _EXTERNAL[name].split(":")
-        return getattr(importlib.import_module(module), func)(arg)
-    raise ValueError(
-        f"unknown optimizer {name!r} in spec {spec!r}; known: {', '.join(known_optimizers())}"
-    )
-
-
 def explicit_learning_rate(spec: str):
     """The learning rate a spec sets explicitly (``adam:lr=1e-3`` -> 1e-3), else None.
 
@@ -155,27 +94,3 @@ def explicit_learning_rate(spec: str):
             except ValueError:
                 return None
     return None
-
-
-def check_spec(spec: str) -> None:
-    """Raises the ValueError ``from_spec`` would, without building anything heavy."""
-    from_spec(spec)
-
-
-# Second-order optimizers (imported on first use).
-register("kfac", "learned_optim.kfac:from_spec_arg")          # see learned_optim.kfac
-register("diag_ggn", "learned_optim.diag_ggn:from_spec_arg")  # see learned_optim.diag_ggn
-
-
-def default_learning_rate(spec: str):
-    """The learning rate ``spec`` builds with when none is given (its injected
-    ``learning_rate``, e.g. 0.05 for ``kfac``), or None for optimizers without
-    one (OPEN, learned rules)."""
-    import jax.numpy as jnp
-
-    from learned_optim.context import get_hyperparam
-
-    tx = from_spec(spec)
-    value = get_hyperparam(tx.init({"w": jnp.zeros((2, 2), jnp.float32)}), "learning_rate")
-    return None if value is None else float(value)
-

@@ -1,8 +1,9 @@
 """Process-wide runtime settings every package of the project may import.
 
 Importing this package applies the platform defaults of ``runtime.platform``
-(safe XLA flags and one OpenBLAS thread on CPU) before JAX starts its backend.
-It imports no other package of the project.
+(a safe XLA CPU scheduler flag and one OpenBLAS thread, on the jaxlib versions
+that need them) before JAX starts its backend. It imports no other package of
+the project, and not JAX.
 """
 
 from runtime import platform  # noqa: F401  (safe XLA flags before JAX starts)

@@ -14,6 +14,7 @@ import pytest
 
 import learned_optim
 from learned_optim import curvature as cv
+from learned_optim.layer_stats import categorical_sampled_loglik, dense_layer_stats
 from learned_optim.context import LayerStats, set_hyperparam
 from learned_optim.diag_ggn import diag_ggn, scale_by_diag_ggn
 from learned_optim.kfac import kfac, scale_by_kfac
@@ -152,8 +153,8 @@ def test_dense_layer_stats_helper_matches_hand_stats(setup):
 
     flax_params = {k: params[k] for k in LAYERS}
     _, ky = batch(jax.random.key(1))
-    stats_fn = lambda p, x: cv.dense_layer_stats(  # noqa: E731
-        MLP(), {"params": p}, x, cv.categorical_sampled_loglik, ky)
+    stats_fn = lambda p, x: dense_layer_stats(  # noqa: E731
+        MLP(), {"params": p}, x, categorical_sampled_loglik, ky)
     got = jax.jit(stats_fn)(flax_params, x)
     assert set(got) == set(LAYERS)
     for name in LAYERS:
@@ -542,7 +543,7 @@ def test_own_training_loop_with_nested_flax_model():
 
     grads = jax.grad(loss)(params)
     key = jax.random.key(14)
-    stats = cv.dense_layer_stats(model, {"params": params}, x, cv.categorical_sampled_loglik, key)
+    stats = dense_layer_stats(model, {"params": params}, x, categorical_sampled_loglik, key)
     assert set(stats) == {"body", "head"} and set(stats["head"]) == {"out"}
     tx = scale_by_kfac(damping=1e-2)
     u, _ = jax.jit(tx.update)(grads, tx.init(params), params, layer_stats=stats)

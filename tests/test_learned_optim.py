@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import learned_optim
-from learned_optim import base
-from learned_optim.context import LayerStats
+from learned_optim import registry
+from learned_optim.context import Context, LayerStats
+from learned_optim.features import update_momenta
+from learned_optim.layout import flat_layout, leaf_infos
 from learned_optim.open import OPEN_SMALL
 from learned_optim.optim4rl import Optim4RLRule
 from learned_optim.rules import GRURule, LSTMRule, MLPRule
@@ -97,7 +99,7 @@ def test_flatten_round_trip_and_kind(kind):
     back = rule.unflatten(flat)
     assert jax.tree.structure(back) == jax.tree.structure(mp)
     np.testing.assert_array_equal(rule.flatten(back), flat)
-    assert base.rule_class(rule.kind) is type(rule)
+    assert registry.info(rule.kind).rule is type(rule)
     assert type(rule).from_config(json.loads(json.dumps(rule.config()))) == rule
 
 
@@ -116,12 +118,12 @@ def test_generic_features_by_hand():
     rule = MLPRule(features=("grad", "momenta", "rms", "time", "layer", "actor"), betas=(0.5,), rms_beta=0.75)
     assert rule.num_features == 1 + 1 + 2 + 2 + 1 + 1
     g = jnp.array([1.0, -3.0])
-    m = base.update_momenta(jnp.zeros((2, 1)), g, (0.5,))          # [0.5, -1.5]
+    m = update_momenta(jnp.zeros((2, 1)), g, (0.5,))          # [0.5, -1.5]
     v = 0.25 * g ** 2                                               # [0.25, 2.25]
-    ctx = base.Context(jnp.float32(0.2), jnp.float32(0.6), jax.random.key(0), None)
-    infos = base.leaf_infos({"actor": {"Dense_0": {"bias": g}, "Dense_1": {"bias": g}, "Dense_2": {"bias": g}}})
+    ctx = Context(jnp.float32(0.2), jnp.float32(0.6), jax.random.key(0), None)
+    infos = leaf_infos({"actor": {"Dense_0": {"bias": g}, "Dense_1": {"bias": g}, "Dense_2": {"bias": g}}})
     infos = infos[1:2]  # one tensor: actor/Dense_1/bias, layer proportion 1/2
-    f = np.asarray(rule._features(None, g, m, v, ctx, infos, base.flat_layout(infos, [(2,)])))
+    f = np.asarray(rule._features(None, g, m, v, ctx, infos, flat_layout(infos, [(2,)])))
     norm = lambda a, b: np.array([a, b]) / np.sqrt(1e-5 + (a * a + b * b) / 2)  # noqa: E731
     r = 1 / np.sqrt(np.array([0.25, 2.25]) + 1e-8)                  # [2, 2/3]
     expected = np.stack([norm(1.0, -3.0), norm(0.5, -1.5), norm(1.0 * r[0], -3.0 * r[1]),
@@ -168,6 +170,31 @@ def test_specs_for_generic_rules():
         learned_optim.from_spec("gru:width=3")
     for name in ("open", "open_large", "optim4rl", "mlp", "gru", "lstm", "lopt"):
         assert name in learned_optim.known_optimizers()
+
+
+def test_registry_facts_without_building(tmp_path):
+    from learned_optim.open import OPEN_LARGE
+
+    assert registry.info("kfac:lr=1") is registry.info("kfac")
+    assert registry.info("kfac").lr_bounds == (1e-3, 0.5) and registry.info("sgd").lr_bounds == (1e-4, 1.0)
+    assert registry.info("adam").lr_bounds == registry.DEFAULT_LR_BOUNDS == (1e-5, 1e-2)
+    assert [registry.info(n).cpu_speed for n in ("kfac", "diag_ggn", "open", "open_large", "adam")] == [
+        0.15, 0.7, 0.25, 0.2, 1.0]
+    assert [registry.info(n).default_lr for n in ("adam", "sgd", "lion", "kfac", "diag_ggn", "optim4rl")] == [
+        3e-4, 1e-2, 3e-5, 0.05, 0.01, 1e-3]
+    assert registry.info("open").default_lr is None and registry.info("lopt").default_lr is None
+    with pytest.raises(ValueError, match="unknown optimizer 'nope'.*adam"):
+        registry.info("nope:lr=1")
+    assert registry.rule_names() == ("open", "open_large", "optim4rl", "mlp", "gru", "lstm")
+    assert registry.make_rule("open_large") == OPEN_LARGE and registry.make_rule("gru") == GRURule()
+    with pytest.raises(ValueError, match="unknown learned rule 'lopt'"):
+        registry.make_rule("lopt")
+    # a saved rule's own default lr (Optim4RL injects one; the MLP rule has none)
+    rule = Optim4RLRule(learning_rate=2e-3)
+    path = learned_optim.save(str(tmp_path / "o4rl"), rule, rule.init_meta_params(jax.random.key(0)))
+    assert registry.info(f"lopt:{path}").default_lr == 2e-3
+    path = learned_optim.save(str(tmp_path / "mlp"), RULES["mlp"], RULES["mlp"].init_meta_params(jax.random.key(0)))
+    assert registry.info(f"lopt:{path}").default_lr is None
 
 
 # Save / load -----------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import learned_optim
-from learned_optim import base
 from learned_optim.context import LayerStats
+from learned_optim.features import dormancy, leaf_dormancy, normalise, normalise_by_tensor, update_momenta
+from learned_optim.layout import LeafInfo, flat_layout, flatten_elements, leaf_infos
 from tests.conftest import SHARED
 from learned_optim.open import (BETAS, OPEN_LARGE, OPEN_SMALL, OpenRule, load_open_weights, open_features,
                                 open_network, open_state_by_leaf)
@@ -54,7 +55,7 @@ def like(params, key):
 def test_features_by_hand_on_a_tiny_tensor():
     p = jnp.array([3.0, -4.0])
     g = jnp.array([2.0, -0.5])
-    m = base.update_momenta(jnp.zeros((2, 6)), g, BETAS)  # first step: m_b = (1 - b) g
+    m = update_momenta(jnp.zeros((2, 6)), g, BETAS)  # first step: m_b = (1 - b) g
     f = np.asarray(open_features(p, g, m, 0.3, 0.5, 0.25, jnp.array([1.5, 0.5])))
     assert f.shape == (2, 19)
 
@@ -75,24 +76,24 @@ def test_features_by_hand_on_a_tiny_tensor():
 def test_momenta_follow_ema_without_bias_correction():
     m = jnp.zeros((1, 6))
     for g in (1.0, -2.0):
-        m = base.update_momenta(m, jnp.array([g]), BETAS)
+        m = update_momenta(m, jnp.array([g]), BETAS)
     want = [b * (1 - b) * 1.0 + (1 - b) * -2.0 for b in BETAS]
     np.testing.assert_allclose(m[0], want, rtol=5e-4)  # float32: 1 - 0.9999
 
 
 def test_dormancy_by_hand():
     outputs = jnp.array([[1.0, 0.0, 3.0], [-1.0, 0.0, 1.0]])   # mean |.| per neuron: 1, 0, 2; layer mean 1
-    np.testing.assert_allclose(base.dormancy(outputs), [1.0, 0.0, 2.0], atol=1e-9)
-    info = base.LeafInfo(("actor", "Dense_0", "kernel"), "actor", "Dense_0", 0.0, True)
-    d = base.leaf_dormancy({"actor": {"Dense_0": LayerStats(outputs=outputs)}}, info, (2, 3))
+    np.testing.assert_allclose(dormancy(outputs), [1.0, 0.0, 2.0], atol=1e-9)
+    info = LeafInfo(("actor", "Dense_0", "kernel"), "actor", "Dense_0", 0.0, True)
+    d = leaf_dormancy({"actor": {"Dense_0": LayerStats(outputs=outputs)}}, info, (2, 3))
     np.testing.assert_allclose(d, [[1.0, 0.0, 2.0]] * 2, atol=1e-9)  # kernel entry -> its output neuron
-    assert float(base.leaf_dormancy(None, info, (2, 3))[0, 0]) == 1.0  # neutral without stats
+    assert float(leaf_dormancy(None, info, (2, 3))[0, 0]) == 1.0  # neutral without stats
     with pytest.raises(ValueError, match="actor/Dense_0/kernel"):
-        base.leaf_dormancy({"actor": {"Dense_0": LayerStats(outputs=outputs)}}, info, (3, 2))
+        leaf_dormancy({"actor": {"Dense_0": LayerStats(outputs=outputs)}}, info, (3, 2))
 
 
 def test_layer_proportions_from_the_params_tree():
-    infos = {i.path: i for i in base.leaf_infos(tiny_params(continuous=True))}
+    infos = {i.path: i for i in leaf_infos(tiny_params(continuous=True))}
     prop = {p: round(i.layer_prop, 6) for p, i in infos.items()}
     # actor: Dense_0, Dense_1, log_std -> 0, 1/2, 1 (log_std counts, as in the published code)
     assert prop[("actor", "Dense_0", "kernel")] == 0.0
@@ -103,7 +104,7 @@ def test_layer_proportions_from_the_params_tree():
     assert infos[("actor", "log_std")].is_actor and not infos[("critic", "Dense_0", "bias")].is_actor
     # numeric order (Dense_10 after Dense_2), and a bare network
     bare = {f"Dense_{i}": {"bias": jnp.zeros(1)} for i in (0, 2, 10)}
-    assert [round(i.layer_prop, 3) for i in base.leaf_infos(bare)] == [0.0, 1.0, 0.5]  # leaves sort as 0, 10, 2
+    assert [round(i.layer_prop, 3) for i in leaf_infos(bare)] == [0.0, 1.0, 0.5]  # leaves sort as 0, 10, 2
 
 
 def reference_update(rule, meta_params, grads, params, stats, train_fraction, batch_fraction):
@@ -111,12 +112,12 @@ def reference_update(rule, meta_params, grads, params, stats, train_fraction, ba
     gru, mlp = nn.GRUCell(features=rule.gru_features), nn.Sequential(
         [nn.Dense(rule.hidden_size), nn.LayerNorm(), nn.relu, nn.Dense(rule.hidden_size), nn.LayerNorm(),
          nn.relu, nn.Dense(3)])
-    infos = base.leaf_infos(params)
+    infos = leaf_infos(params)
     steps = []
     for info, g, p in zip(infos, jax.tree.leaves(grads), jax.tree.leaves(params)):
-        m = base.update_momenta(jnp.zeros(p.shape + (6,)), g, BETAS)
+        m = update_momenta(jnp.zeros(p.shape + (6,)), g, BETAS)
         x = open_features(p, g, m, train_fraction, info.layer_prop, batch_fraction,
-                          base.leaf_dormancy(stats, info, p.shape))
+                          leaf_dormancy(stats, info, p.shape))
         _, h = gru.apply(meta_params["gru_params"], jnp.zeros(p.shape + (rule.gru_features,)), x)
         o = mlp.apply(meta_params["params"], h)
         steps.append(o[..., 0] * 0.001 * jnp.exp(o[..., 1] * 0.001))
@@ -290,10 +291,10 @@ def test_fresh_specs():
 
 def test_flat_normalisation_is_per_tensor():
     a, b = jnp.array([[1.0, 2.0], [3.0, -4.0]]), jnp.array([0.5, -0.1, 7.0])
-    infos = base.leaf_infos({"a": a, "b": b})
-    layout = base.flat_layout(infos, [a.shape, b.shape])
-    x = jnp.stack([base.flatten_elements([a, b]), base.flatten_elements([a, b]) ** 2], axis=-1)  # [7, 2]
-    got = base.flat_normalise(x, layout)
-    want = jnp.concatenate([base.second_moment_normalise(x[:4]), base.second_moment_normalise(x[4:])])
+    infos = leaf_infos({"a": a, "b": b})
+    layout = flat_layout(infos, [a.shape, b.shape])
+    x = jnp.stack([flatten_elements([a, b]), flatten_elements([a, b]) ** 2], axis=-1)  # [7, 2]
+    got = normalise_by_tensor(x, layout.spans, axis=0)
+    want = jnp.concatenate([normalise(x[:4], (0,)), normalise(x[4:], (0,))])
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert float(got[0, 0]) == pytest.approx(1.0 / math.sqrt(1e-5 + 30.0 / 4), rel=1e-6)

@@ -1,4 +1,5 @@
-"""No batched LAPACK call in the compiled programs (runtime.platform).
+"""No batched LAPACK call in the compiled CPU programs (runtime.platform), and
+the ordinary batched call in the GPU/TPU ones.
 
 jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over XLA's thread
 pool and block on the pieces; several such calls at once (one per fake
@@ -64,6 +65,44 @@ def test_one_matrix_at_a_time_same_values_under_nested_and_partial_vmap():
     np.testing.assert_allclose(vals, jnp.linalg.eigh(spd[0])[0], rtol=1e-5)
     bb = jnp.stack([b, 2 * b])
     np.testing.assert_allclose(jax.vmap(ours, in_axes=(None, 0))(spd[0, 0], bb)[1], 2 * solve(spd[0, 0], b), rtol=1e-5)
+
+
+def _exported(fn, platform, *args):
+    """The StableHLO text of ``jit(fn)`` exported for ``platform`` (no device needed)."""
+    return jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def _custom_calls(text):
+    """(target, first operand shape) of every custom call in a StableHLO text."""
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)\(.*?\} : \(tensor<((?:\d+x)*)\w+>", text)
+    return [(target, tuple(int(d) for d in dims.split("x") if d)) for target, dims in calls]
+
+
+def test_one_matrix_at_a_time_is_the_batched_call_on_gpu_and_tpu():
+    """One program for every platform: the lax.map is the CPU branch only; an
+    export for cuda or tpu holds the ordinary batched eigh and no loop."""
+    spd = jnp.eye(4) * jnp.arange(1.0, 4.0)[:, None, None]  # [3, 4, 4]
+    eig = jax.vmap(one_matrix_at_a_time(lambda m: tuple(jnp.linalg.eigh(m))))
+    plain = jax.vmap(lambda m: tuple(jnp.linalg.eigh(m)))
+    for platform, target in (("cuda", "cusolver_syevd_ffi"), ("tpu", "Eigh")):
+        text = _exported(eig, platform, spd)
+        assert "stablehlo.while" not in text, platform
+        assert _custom_calls(text) == [(target, (3, 4, 4))], (platform, _custom_calls(text))
+        assert _custom_calls(_exported(plain, platform, spd)) == _custom_calls(text)
+    nested = _exported(jax.vmap(eig), "cuda", jnp.stack([spd, spd]))
+    assert "stablehlo.while" not in nested and _custom_calls(nested) == [("cusolver_syevd_ffi", (2, 3, 4, 4))]
+    # ... while the CPU export of the same function runs one matrix per call
+    cpu = _exported(eig, "cpu", spd)
+    assert "stablehlo.while" in cpu and _custom_calls(cpu) == [("lapack_ssyevd_ffi", (4, 4))]
+    np.testing.assert_allclose(jax.jit(eig)(spd)[0], [[1.0] * 4, [2.0] * 4, [3.0] * 4], rtol=1e-6)
+
+
+def test_process_settings_only_for_the_affected_jaxlib():
+    from runtime import platform
+
+    assert platform.needs_cpu_workarounds("0.10.2") and not platform.needs_cpu_workarounds("0.11.0")
+    assert not platform.needs_cpu_workarounds("0.4.38") and not platform.needs_cpu_workarounds("")
+    assert platform.needs_cpu_workarounds() == platform.jaxlib_version().startswith("0.10.")
 
 
 def test_vmapped_orthogonal_init_runs_qr_one_matrix_at_a_time():

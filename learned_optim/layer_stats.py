@@ -1,0 +1,181 @@
+"""Per-example layer statistics of a flax model: the ``layer_stats`` that
+K-FAC and diagonal GGN (``inputs``, ``preact_grads``) and OPEN's dormancy
+(``outputs``) consume (``learned_optim.context.LayerStats``).
+
+One function, ``dense_layer_stats``, serves our agents (PPO, A2C, TD3) and
+your own flax model alike; the model needs no change::
+
+    tx = learned_optim.from_spec("kfac:lr=0.05,damping=1e-3")
+    stats = dense_layer_stats(model, {"params": params}, x,
+                              categorical_sampled_loglik, key)
+    updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+
+How. Every ``nn.Dense.__call__`` is intercepted (flax's
+``nn.intercept_methods``): its input is recorded and a zero perturbation is
+added to its output (the pre-activation). The gradient of the summed
+sampled-target log-likelihood w.r.t. those perturbations is the per-example
+pre-activation gradient (what flax's ``Module.perturb`` gives from inside a
+model). Targets are sampled from the model's own predictive distribution, so
+the statistics describe the true Fisher (for exponential-family outputs, the
+generalised Gauss-Newton matrix); observed labels would give the empirical
+Fisher instead.
+
+``outputs`` are a layer's values after its activation, which only the model
+knows: a model reports them by sowing them beside the layer,
+``self.sow("intermediates", name + OUTPUTS_SUFFIX, h)`` in the module that
+owns the ``Dense`` called ``name`` (``agents.networks.MLP`` does). For a layer
+the model reports nothing for, ``outputs`` is the ``Dense``'s raw output.
+
+If params nest under a name (``{"actor": ..., "critic": ...}``), build the same
+nesting of stats trees: ``{"actor": dense_layer_stats(actor, ...), ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from learned_optim.context import STAT_KINDS, LayerStats
+
+CURVATURE_KINDS = frozenset({"inputs", "preact_grads"})  # what K-FAC and diagonal GGN ask for
+OUTPUTS_SUFFIX = "_outputs"  # a sown entry beside a Dense (collection entries can't reuse its name)
+
+Path = Tuple[str, ...]
+
+
+def categorical_sampled_loglik(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """``[B, C] -> [B]``: log-probability of a label sampled from the model
+    itself (the true-Fisher target for a softmax output)."""
+    y = jax.lax.stop_gradient(jax.random.categorical(key, logits))
+    return jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+
+
+def gaussian_sampled_loglik(mean: jax.Array, key: jax.Array, std: float = 1.0) -> jax.Array:
+    """``[B, ...] -> [B]``: Gaussian log-likelihood (up to a constant) of a target
+    sampled from ``N(mean, std^2)`` (for a squared-error loss, the Fisher equals
+    the Gauss-Newton matrix)."""
+    y = jax.lax.stop_gradient(mean + std * jax.random.normal(key, mean.shape))
+    return -0.5 * jnp.sum(jnp.square((mean - y) / std).reshape(mean.shape[0], -1), axis=-1)
+
+
+def dense_layer_stats(
+    model: Any,
+    variables: Any,
+    x: jax.Array,
+    sampled_loglik: Optional[Callable[[Any, jax.Array], jax.Array]] = None,
+    key: Optional[jax.Array] = None,
+    *,
+    kinds: Iterable[str] = CURVATURE_KINDS,
+    curvature_rows: int = 0,
+    **apply_kwargs: Any,
+) -> Dict[str, Any]:
+    """``layer_stats`` for every ``nn.Dense`` of a flax linen ``model`` on ``x [B, ...]``.
+
+    model:          a ``flax.linen.Module``, called as ``model.apply(variables,
+                    x, **apply_kwargs)``; each ``Dense`` once per forward pass.
+    sampled_loglik: ``(model_output, key) -> [B]`` per-example log-likelihood
+                    of targets sampled from the model (``categorical_sampled_loglik``,
+                    ``gaussian_sampled_loglik`` or your own); needed for ``preact_grads``.
+    kinds:          the ``LayerStats`` fields to fill (a subset of ``STAT_KINDS``;
+                    the rest stay ``None``), e.g. ``required_stats(tx, params)``.
+    curvature_rows: ``inputs`` and ``preact_grads`` come from the first
+                    ``curvature_rows`` rows of ``x`` (0: all ``B``); ``outputs``
+                    always from all ``B`` rows.
+    Returns a tree shaped like ``variables["params"]`` down to the dense
+    layers, each replaced by ``LayerStats(inputs [R, in], outputs [B, out],
+    preact_grads [R, out])``. One forward-backward pass on the ``R`` rows when
+    ``preact_grads`` are asked for, plus one forward pass on all rows when
+    ``outputs`` are and ``R < B``. The statistics carry no gradient.
+    """
+    kinds = frozenset(kinds)
+    if kinds - set(STAT_KINDS):
+        raise ValueError(f"dense_layer_stats: unknown kinds {sorted(kinds - set(STAT_KINDS))}; "
+                         f"allowed: {', '.join(STAT_KINDS)}")
+    if "preact_grads" in kinds and (sampled_loglik is None or key is None):
+        raise ValueError("dense_layer_stats: preact_grads need sampled_loglik and key")
+    n = x.shape[0]
+    rows = curvature_rows if 0 < curvature_rows < n else n
+    want_outputs = "outputs" in kinds
+    inputs, outputs, grads = {}, {}, {}
+    if "preact_grads" in kinds:
+        with_outputs = want_outputs and rows == n
+        inputs, outputs, grads = _fisher_pass(model, variables, x[:rows], sampled_loglik, key, with_outputs,
+                                              apply_kwargs)
+    if (want_outputs and not outputs) or ("inputs" in kinds and not inputs):
+        io_inputs, outputs = _forward_pass(model, variables, x if want_outputs else x[:rows], want_outputs,
+                                           apply_kwargs)
+        inputs = inputs or {path: a[:rows] for path, a in io_inputs.items()}
+    tree: Dict[str, Any] = {}
+    for path in inputs or outputs:
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = jax.lax.stop_gradient(LayerStats(
+            inputs=inputs[path] if "inputs" in kinds else None,
+            outputs=outputs[path] if want_outputs else None,
+            preact_grads=grads.get(path),
+        ))
+    return tree
+
+
+# The passes --------------------------------------------------------------------------
+
+
+def _apply(model, variables, x, perturbations, with_outputs, apply_kwargs):
+    """``model.apply`` recording every ``Dense`` call. Returns ``(output, inputs,
+    preacts, outputs)``, the last three ``{path: array}``: each Dense's input,
+    its own output plus ``perturbations[path]`` (if given), and (only
+    ``with_outputs``) what the model sows as ``<name>_outputs``, else the preact."""
+    import flax.linen as nn
+
+    inputs, preacts = {}, {}
+
+    def intercept(next_fun, args, kwargs, context):
+        if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        path = tuple(context.module.path)
+        if path in inputs:
+            raise ValueError(f"dense_layer_stats: layer {'/'.join(path)} is called more than once per forward "
+                             f"pass; per-example statistics of shared layers are not supported")
+        out = next_fun(*args, **kwargs)
+        if perturbations is not None:
+            out = out + perturbations[path]
+        inputs[path], preacts[path] = args[0], out
+        return out
+
+    with nn.intercept_methods(intercept):
+        if not with_outputs:
+            return model.apply(variables, x, **apply_kwargs), inputs, preacts, {}
+        out, state = model.apply(variables, x, mutable=["intermediates"], **apply_kwargs)
+    sown = state.get("intermediates", {})
+    return out, inputs, preacts, {path: _sown_output(sown, path, value) for path, value in preacts.items()}
+
+
+def _sown_output(sown: Any, path: Path, default: jax.Array) -> jax.Array:
+    node = sown
+    for name in path[:-1]:
+        node = node.get(name, {}) if hasattr(node, "get") else {}
+    value = node.get(path[-1] + OUTPUTS_SUFFIX) if hasattr(node, "get") else None
+    return default if value is None else value[-1]  # sow keeps a tuple, one entry per call
+
+
+def _forward_pass(model, variables, x, with_outputs, apply_kwargs):
+    """``(inputs, outputs)`` from one forward pass on ``x``."""
+    _, inputs, _, outputs = _apply(model, variables, x, None, with_outputs, apply_kwargs)
+    return inputs, outputs
+
+
+def _fisher_pass(model, variables, x, sampled_loglik, key, with_outputs, apply_kwargs):
+    """``(inputs, outputs, preact_grads)`` from one forward-backward pass on ``x``."""
+    # The zero perturbations take every Dense's output shape, found by tracing only.
+    shapes = jax.eval_shape(lambda: _apply(model, variables, x, None, False, apply_kwargs)[2])
+    zeros = {path: jnp.zeros(s.shape, s.dtype) for path, s in shapes.items()}
+
+    def loglik(perturbations):
+        out, inputs, _, outputs = _apply(model, variables, x, perturbations, with_outputs, apply_kwargs)
+        return jnp.sum(sampled_loglik(out, key)), (inputs, outputs)
+
+    grads, (inputs, outputs) = jax.grad(loglik, has_aux=True)(zeros)
+    return inputs, outputs, grads
