@@ -1,27 +1,24 @@
 """Networks and action distributions shared by the agents.
 
-``MLP`` names its dense layers ``Dense_0 .. Dense_n`` and, on request, records
-what optimizers may ask for (``learned_optim.context.LayerStats``):
-
-* ``"intermediates"`` collection (``mutable=["intermediates"]``): per layer
-  ``Dense_i_stats`` a tuple ``((inputs [B, in], outputs [B, out]),)``;
-* ``"perturbations"`` collection: ``Dense_i_stats``, a zero ``[B, out]`` added to each layer's
-  pre-activation, so ``jax.grad`` w.r.t. it gives per-example gradients of a
-  summed loss w.r.t. the pre-activations (flax's ``Module.perturb``).
+``MLP`` names its dense layers ``Dense_0 .. Dense_n`` and sows each layer's
+post-activation output (``"intermediates"`` collection, entry
+``Dense_i_outputs``) so ``learned_optim.layer_stats.dense_layer_stats`` can
+report it as ``LayerStats.outputs`` (OPEN's dormancy); layer inputs and
+pre-activation gradients need nothing from the model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from learned_optim.layer_stats import OUTPUTS_SUFFIX
 from runtime.platform import one_matrix_at_a_time
 
-STATS_SUFFIX = "_stats"  # collection entries can't reuse the submodule's own name
 ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
@@ -66,19 +63,22 @@ class MLP(nn.Module):
         for i, size in enumerate(sizes):
             last = i == len(sizes) - 1
             scale = self.out_scale if last else np.sqrt(2.0)
-            inputs = x
             pre = nn.Dense(
                 size,
                 kernel_init=orthogonal(scale),
                 bias_init=nn.initializers.zeros,
                 name=f"Dense_{i}",
             )(x)
-            pre = self.perturb(f"Dense_{i}{STATS_SUFFIX}", pre)
             x = pre if last else act(pre)
-            self.sow("intermediates", f"Dense_{i}{STATS_SUFFIX}", (inputs, x))
+            self.sow("intermediates", f"Dense_{i}{OUTPUTS_SUFFIX}", x)
         if self.log_std_dim:
             return x, self.param("log_std", nn.initializers.zeros, (self.log_std_dim,))
         return x
+
+
+def flat(obs: jax.Array) -> jax.Array:
+    """Observations ``[N, ...]`` as the networks' float32 input ``[N, prod(...)]``."""
+    return obs.reshape((obs.shape[0], -1)).astype(jnp.float32)
 
 
 # Distributions, written out (no distrax dependency) ---------------------------------
@@ -111,10 +111,22 @@ def gaussian_entropy(mean, log_std):
     return jnp.sum(log_std + 0.5 * (1.0 + jnp.log(2 * jnp.pi)), axis=-1) * jnp.ones(mean.shape[:-1])
 
 
-def by_layer(collection: Optional[Dict[str, Any]], sown: bool = False) -> Dict[str, Any]:
-    """Keys ``"Dense_0_stats"`` -> ``"Dense_0"``; sown tuples ``((in, out),)`` unwrapped."""
-    return {
-        k[: -len(STATS_SUFFIX)]: (v[0] if sown else v)
-        for k, v in (collection or {}).items()
-        if k.endswith(STATS_SUFFIX)
-    }
+class ActionDistribution(NamedTuple):
+    """The policy's distribution over actions for a batch of ``N`` observations."""
+
+    sample: Callable[[jax.Array], jax.Array]  # key -> actions [N] (int32) or [N, A]
+    log_prob: Callable[[jax.Array], jax.Array]  # actions -> [N]
+    entropy: Callable[[], jax.Array]  # () -> [N]
+
+
+def action_distribution(actor_out, discrete: bool) -> ActionDistribution:
+    """Categorical over ``logits [N, C]`` (``discrete``), else a diagonal Gaussian
+    over ``actor_out = (mean [N, A], log_std [A])``."""
+    if discrete:
+        return ActionDistribution(lambda k: categorical_sample(k, actor_out),
+                                  lambda a: categorical_log_prob(actor_out, a),
+                                  lambda: categorical_entropy(actor_out))
+    mean, log_std = actor_out
+    return ActionDistribution(lambda k: gaussian_sample(k, mean, log_std),
+                              lambda a: gaussian_log_prob(mean, log_std, a),
+                              lambda: gaussian_entropy(mean, log_std))

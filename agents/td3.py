@@ -51,25 +51,26 @@ gradients of a sampled-target log-likelihood on the gradient step's batch:
   ``-Q1(s, pi(s))`` acts through, and it is positive semi-definite and
   independent of the critic's errors (the empirical Fisher of the actor loss
   is not, and degenerates where the critic is flat).
+
+Both come from ``learned_optim.layer_stats.dense_layer_stats``; the skeleton
+shared with PPO and A2C is ``agents.core``, the buffer ``agents.replay_buffer``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Tuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
-from agents import networks
-from agents.hparams import with_defaults
+from agents import core, networks, replay_buffer
 from envs.spaces import Box
 from envs.wrappers import VecEnv
-from learned_optim.context import LayerStats, any_member, get_hyperparam, required_stats, set_hyperparam
-from learned_optim.curvature import gaussian_sampled_loglik
+from learned_optim.context import any_member
+from learned_optim.layer_stats import dense_layer_stats, gaussian_sampled_loglik
 
 NUM_CRITICS = 2
 
@@ -99,15 +100,8 @@ class TD3Config:
     curvature_batch_size: int = 0
 
     def __post_init__(self):
-        for name in ("num_envs", "buffer_size", "batch_size", "gradient_steps", "policy_delay"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TD3Config.{name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.total_timesteps, (int, float)) and self.total_timesteps >= self.num_envs):
-            raise ValueError(
-                f"TD3Config.total_timesteps={self.total_timesteps!r} must be at least one iteration "
-                f"(num_envs = {self.num_envs} env steps)"
-            )
+        core.check_positive_ints(self, "num_envs", "buffer_size", "batch_size", "gradient_steps", "policy_delay")
+        core.check_timesteps(self, self.num_envs, "num_envs")
         if isinstance(self.learning_starts, bool) or not isinstance(self.learning_starts, int) \
                 or self.learning_starts < 0:
             raise ValueError(f"TD3Config.learning_starts must be an integer >= 0, got {self.learning_starts!r}")
@@ -116,18 +110,7 @@ class TD3Config:
                 f"TD3Config.buffer_size={self.buffer_size} must hold at least one iteration's transitions "
                 f"(num_envs={self.num_envs})"
             )
-        if not isinstance(self.curvature_batch_size, int) or self.curvature_batch_size < 0:
-            raise ValueError(
-                f"TD3Config.curvature_batch_size must be an integer >= 0 (0 = whole batch), "
-                f"got {self.curvature_batch_size!r}"
-            )
-        if self.activation not in networks.ACTIVATIONS:
-            raise ValueError(
-                f"TD3Config.activation={self.activation!r}; allowed: {sorted(networks.ACTIVATIONS)}"
-            )
-        if not self.max_grad_norm >= 0:
-            raise ValueError(f"TD3Config.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
-        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        core.check_network(self)
 
     @property
     def steps_per_update(self) -> int:
@@ -138,14 +121,11 @@ class TD3Config:
     def num_updates(self) -> int:
         return int(self.total_timesteps) // self.num_envs
 
-    @property
-    def curvature_rows(self) -> int:
-        rows = self.curvature_batch_size
-        return rows if 0 < rows < self.batch_size else self.batch_size
 
-
-class TD3HParams(NamedTuple):
-    """Per-member hyperparameters (float32 scalars, or ``[P]`` for a population).
+TD3HParams = core.hparams_type(
+    "TD3HParams", "TD3", dict(lr=1e-3, gamma=0.99, tau=0.005, policy_noise=0.2, noise_clip=0.5,
+                              exploration_noise=0.1), __name__,
+    """Per-member TD3 hyperparameters (float32 scalars, or ``[P]`` for a population).
 
     lr:                learning rate of both actor and critics (written into the
                        optimizer's injected ``learning_rate``).
@@ -154,51 +134,7 @@ class TD3HParams(NamedTuple):
     policy_noise:      std of the target-policy smoothing noise (normalised units).
     noise_clip:        the smoothing noise is clipped to ``[-noise_clip, noise_clip]``.
     exploration_noise: std of the Gaussian noise on the acting policy's actions.
-    """
-
-    lr: jax.Array
-    gamma: jax.Array
-    tau: jax.Array
-    policy_noise: jax.Array
-    noise_clip: jax.Array
-    exploration_noise: jax.Array
-
-    @classmethod
-    def default(cls, **overrides) -> "TD3HParams":
-        values = dict(lr=1e-3, gamma=0.99, tau=0.005, policy_noise=0.2, noise_clip=0.5, exploration_noise=0.1)
-        return with_defaults(cls, values, overrides, "TD3")
-
-
-# Named presets: (config, hparams). "classic" (Pendulum) is sized for a CPU:
-# 64x64 networks reach returns of about -150 in 1-2e4 env steps there;
-# "brax" follows the TD3 paper (256x256, 1e6 buffer, 25e3 random steps).
-PRESETS: Dict[str, Tuple[TD3Config, Dict[str, float]]] = {
-    "classic": (TD3Config(num_envs=4, total_timesteps=50_000, buffer_size=100_000, learning_starts=2_000,
-                          gradient_steps=4, hidden_sizes=(64, 64)), dict(lr=1e-3)),
-    "brax": (TD3Config(num_envs=16, total_timesteps=1_000_000, buffer_size=1_000_000, learning_starts=25_000,
-                       gradient_steps=16, hidden_sizes=(256, 256)), dict(lr=3e-4)),
-}
-
-
-def preset_for(env_name: str) -> str:
-    return "brax" if env_name.startswith("brax/") else "classic"
-
-
-def resolve_config(env_name: str, preset: Optional[str] = None, **overrides) -> Tuple[TD3Config, Dict[str, float]]:
-    """(config, hparams-dict) for ``env_name``: the preset with ``overrides``
-    (config fields and hyperparameters by name; None values ignored) applied."""
-    name = preset or preset_for(env_name)
-    if name not in PRESETS:
-        raise ValueError(f"unknown TD3 preset {name!r}; allowed: {sorted(PRESETS)}")
-    config, hp = PRESETS[name]
-    cfg_fields = {f.name for f in dataclasses.fields(TD3Config)}
-    unknown = set(overrides) - cfg_fields - set(TD3HParams._fields)
-    if unknown:
-        raise ValueError(f"unknown TD3 setting(s) {sorted(unknown)}; allowed: "
-                         f"{sorted(cfg_fields | set(TD3HParams._fields))}")
-    cfg_over = {k: v for k, v in overrides.items() if k in cfg_fields and v is not None}
-    hp_over = {k: v for k, v in overrides.items() if k in TD3HParams._fields and v is not None}
-    return dataclasses.replace(config, **cfg_over), {**hp, **hp_over}
+    """)
 
 
 # ---------------------------------------------------------------------------
@@ -225,91 +161,6 @@ def polyak(target, online, tau):
 
 
 # ---------------------------------------------------------------------------
-# Replay buffer
-# ---------------------------------------------------------------------------
-
-
-@struct.dataclass
-class ReplayBuffer:
-    """A ring buffer of transitions. ``data``: dict of ``[capacity, ...]``
-    arrays; ``ptr``: int32 row written next; ``size``: int32 rows filled."""
-
-    data: Dict[str, jax.Array]
-    ptr: jax.Array
-    size: jax.Array
-
-    @property
-    def capacity(self) -> int:
-        return jax.tree.leaves(self.data)[0].shape[0]
-
-
-def buffer_init(example: Dict[str, jax.Array], capacity: int) -> ReplayBuffer:
-    """An empty buffer for transitions shaped like ``example`` (one transition, no batch axis)."""
-    data = jax.tree.map(lambda x: jnp.zeros((capacity,) + jnp.shape(x), jnp.asarray(x).dtype), example)
-    return ReplayBuffer(data, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def buffer_add(buf: ReplayBuffer, batch: Dict[str, jax.Array]) -> ReplayBuffer:
-    """Writes ``N <= capacity`` transitions (``[N, ...]``) at the ring position, overwriting the oldest."""
-    cap = buf.capacity
-    n = jax.tree.leaves(batch)[0].shape[0]
-    rows = (buf.ptr + jnp.arange(n, dtype=jnp.int32)) % cap
-    data = jax.tree.map(lambda d, x: d.at[rows].set(x.astype(d.dtype)), buf.data, batch)
-    return ReplayBuffer(data, (buf.ptr + n) % cap, jnp.minimum(buf.size + n, cap).astype(jnp.int32))
-
-
-def buffer_sample(buf: ReplayBuffer, key: jax.Array, n: int) -> Dict[str, jax.Array]:
-    """``n`` transitions drawn uniformly (with replacement) from the filled rows; ``[n, ...]``."""
-    rows = jax.random.randint(key, (n,), 0, jnp.maximum(buf.size, 1))
-    return jax.tree.map(lambda d: jnp.take(d, rows, axis=0), buf.data)
-
-
-# ---------------------------------------------------------------------------
-# Per-layer statistics of an MLP
-# ---------------------------------------------------------------------------
-
-
-def mlp_layer_stats(net: networks.MLP, params, x, key, want: frozenset, rows: int,
-                    sampled_loglik: Callable[[jax.Array, jax.Array], jax.Array]) -> Dict[str, LayerStats]:
-    """``{"Dense_i": LayerStats}`` for ``networks.MLP`` ``net`` on ``x [B, in]``.
-
-    Only the kinds in ``want`` are filled: ``outputs`` (post-activation, all
-    ``B`` rows), ``inputs`` and ``preact_grads`` (first ``rows`` rows; the
-    per-example gradients of ``sum(sampled_loglik(net(x), key))`` w.r.t. each
-    pre-activation, through the MLP's zero ``perturbations``)."""
-    curv_x = x[:rows]
-    sown, grads = {}, {}
-    if "preact_grads" in want:
-        pert = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: net.init(jax.random.key(0), curv_x)["perturbations"]))
-
-        def loglik(pert):
-            out, variables = net.apply({"params": params, "perturbations": pert}, curv_x,
-                                       mutable=["intermediates"])
-            return jnp.sum(sampled_loglik(out, key)), variables["intermediates"]
-
-        g, inter = jax.grad(loglik, has_aux=True)(pert)
-        grads = networks.by_layer(g)
-        if "outputs" not in want or rows == x.shape[0]:
-            sown = networks.by_layer(inter, sown=True)
-    if want & {"inputs", "outputs"} and not sown:
-        io_x = x if "outputs" in want else curv_x
-        _, variables = net.apply({"params": params}, io_x, mutable=["intermediates"])
-        sown = networks.by_layer(variables["intermediates"], sown=True)
-    stats = {}
-    for layer in params:
-        if not layer.startswith("Dense_"):
-            continue
-        inputs, outputs = sown.get(layer, (None, None))
-        stats[layer] = LayerStats(
-            inputs=inputs[:rows] if "inputs" in want else None,
-            outputs=outputs if "outputs" in want else None,
-            preact_grads=grads.get(layer),
-        )
-    return stats
-
-
-# ---------------------------------------------------------------------------
 # Agent
 # ---------------------------------------------------------------------------
 
@@ -321,36 +172,29 @@ class TD3State:
     params: Any  # {"actor": {...}, "critic": {...} with a leading axis of NUM_CRITICS}
     target_params: Any  # same structure
     opt_state: Any  # {"actor": ..., "critic": ... (leading axis NUM_CRITICS)}
-    buffer: ReplayBuffer
+    buffer: replay_buffer.ReplayBuffer
     env_state: Any
     obs: jax.Array  # [num_envs, *obs_shape]
     key: jax.Array
-    hparams: TD3HParams
+    hparams: Any  # TD3HParams
     update_step: jax.Array  # int32: iterations done
     grad_step: jax.Array  # int32: critic gradient steps done
     last_return: jax.Array  # float32: mean return of the latest finished episodes
 
 
-class TD3Agent(NamedTuple):
-    """Pure functions of one agent; vmap them for a population."""
+@dataclasses.dataclass(frozen=True)
+class TD3Agent(core.Agent):
+    """``core.Agent`` (``tx`` is the transform applied to each part) plus:"""
 
-    config: TD3Config
-    init: Callable[[jax.Array, TD3HParams], TD3State]
-    update: Callable[[TD3State], Tuple[TD3State, Dict[str, jax.Array]]]
-    run: Callable[[TD3State, int], Tuple[TD3State, Dict[str, jax.Array]]]
-    train: Callable[[jax.Array, TD3HParams], Tuple[TD3State, Dict[str, jax.Array]]]
-    tx: optax.GradientTransformationExtraArgs  # the transform applied to each part
     init_opt: Callable[[Any], Any]  # params -> opt_state (both parts)
-    stats_needed: frozenset
-    uses_lr: bool  # False: the optimizer has no injected learning rate, hparams.lr is unused
     act: Callable[[Any, jax.Array], jax.Array]  # (actor params, obs [N, ...]) -> normalised actions [N, A]
     q_values: Callable[[Any, jax.Array, jax.Array], jax.Array]  # (critic params, obs, action) -> [2, N]
     pbt_copy_fields: Tuple[str, ...] = ("target_params",)  # travel with params when PBT copies a member
 
 
-def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformation) -> TD3Agent:
+def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
     """Builds the TD3 agent for ``env`` (from ``envs.make``; a ``Box`` action
-    space) and optimizer ``tx``."""
+    space) and optax transform ``tx``."""
     vec_env = VecEnv(env, config.num_envs)
     action_space = env.action_space(env_params)
     if not isinstance(action_space, Box):
@@ -358,21 +202,15 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
     obs_shape = tuple(env.observation_space(env_params).shape)
     obs_dim = math.prod(obs_shape)
     act_dim = int(math.prod(action_space.shape))
-    actor = networks.MLP(config.hidden_sizes, act_dim, config.activation, out_scale=0.01)
-    critic = networks.MLP(config.hidden_sizes, 1, config.activation, out_scale=1.0)
-    full_tx = tx
-    if config.max_grad_norm > 0:
-        full_tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
-
-    def flat(obs):
-        return obs.reshape((obs.shape[0], -1)).astype(jnp.float32)
+    actor, critic = core.actor_and_critic(config, act_dim)
+    full_tx = core.with_clipping(tx, config.max_grad_norm)
+    flat = networks.flat
 
     def to_env_action(a):
         """Normalised ``[-1, 1]`` actions -> the env's box."""
-        space = env.action_space(env_params)
-        low = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), space.shape)
-        high = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), space.shape)
-        return low + 0.5 * (a.reshape((a.shape[0],) + tuple(space.shape)) + 1.0) * (high - low)
+        low = jnp.broadcast_to(jnp.asarray(action_space.low, jnp.float32), action_space.shape)
+        high = jnp.broadcast_to(jnp.asarray(action_space.high, jnp.float32), action_space.shape)
+        return low + 0.5 * (a.reshape((a.shape[0],) + tuple(action_space.shape)) + 1.0) * (high - low)
 
     def act(actor_params, obs):
         return jnp.tanh(actor.apply({"params": actor_params}, flat(obs)))
@@ -398,10 +236,11 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
 
     params_shape = jax.eval_shape(init_params, jax.random.key(0))
     q_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params_shape["critic"])
-    stats_needed = required_stats(full_tx, {"actor": params_shape["actor"]}) | required_stats(
-        full_tx, {"critic": q_shape})
-    injected_lr = get_hyperparam(jax.eval_shape(full_tx.init, {"actor": params_shape["actor"]}), "learning_rate")
-    rows = config.curvature_rows
+    stats_needed, uses_lr = core.optimizer_needs(full_tx, {"actor": params_shape["actor"]}, {"critic": q_shape})
+
+    def layer_stats(net, params, x, key, sampled_loglik):
+        return dense_layer_stats(net, {"params": params}, x, sampled_loglik, key, kinds=stats_needed,
+                                 curvature_rows=config.curvature_batch_size)
 
     def actor_loglik(out, key):  # Gaussian exploration-policy Fisher (module docstring)
         return gaussian_sampled_loglik(jnp.tanh(out), key)
@@ -411,7 +250,7 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
         return dict(obs=jnp.zeros(obs_shape, f32), action=jnp.zeros((act_dim,), f32), reward=jnp.zeros((), f32),
                     next_obs=jnp.zeros(obs_shape, f32), terminated=jnp.zeros((), f32))
 
-    def init(key: jax.Array, hparams: TD3HParams) -> TD3State:
+    def init(key: jax.Array, hparams) -> TD3State:
         k_params, k_env, k_state = jax.random.split(key, 3)
         params = init_params(k_params)
         obs, env_state = vec_env.reset(k_env, env_params)
@@ -419,33 +258,24 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
             params=params,
             target_params=params,
             opt_state=init_opt(params),
-            buffer=buffer_init(transition_example(), config.buffer_size),
+            buffer=replay_buffer.init(transition_example(), config.buffer_size),
             env_state=env_state,
             obs=obs,
             key=k_state,
-            hparams=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), hparams),
+            hparams=core.as_float32(hparams),
             update_step=jnp.zeros((), jnp.int32),
             grad_step=jnp.zeros((), jnp.int32),
             last_return=jnp.zeros((), jnp.float32),
         )
 
-    # Optimizer steps -----------------------------------------------------------
+    # Optimizer steps (one part each) ------------------------------------------------
 
-    def actor_step(params, opt_state, grads, stats, lr, extra):
-        opt_state = set_hyperparam(opt_state, "learning_rate", lr)
+    def part_step(part, params, opt_state, grads, stats, lr, extra):
+        """One step of ``full_tx`` on ``{part: params}`` (the critic's is vmapped over the twins)."""
         if stats is not None:
-            extra = dict(extra, layer_stats={"actor": stats})
-        upd, opt_state = full_tx.update({"actor": grads}, opt_state, {"actor": params}, **extra)
-        return optax.apply_updates(params, upd["actor"]), opt_state
-
-    def critic_step(params, opt_state, grads, stats, key, lr, train_fraction, batch_fraction):
-        """One critic's step (vmapped over the critics)."""
-        opt_state = set_hyperparam(opt_state, "learning_rate", lr)
-        extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=key)
-        if stats is not None:
-            extra["layer_stats"] = {"critic": stats}
-        upd, opt_state = full_tx.update({"critic": grads}, opt_state, {"critic": params}, **extra)
-        return optax.apply_updates(params, upd["critic"]), opt_state
+            extra = dict(extra, layer_stats={part: stats})
+        new, opt_state = core.optimizer_step(full_tx, {part: params}, opt_state, {part: grads}, lr, **extra)
+        return new[part], opt_state
 
     # Losses ----------------------------------------------------------------------
 
@@ -465,7 +295,7 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
         """One critic step; the actor and target step every ``policy_delay``-th."""
         params, target_params, opt_state, grad_step, key = carry
         key, k_batch, k_smooth, k_copt, k_cstats, k_aopt, k_astats = jax.random.split(key, 7)
-        batch = buffer_sample(buffer, k_batch, config.batch_size)
+        batch = replay_buffer.sample(buffer, k_batch, config.batch_size)
         batch_fraction = i.astype(jnp.float32) / max(config.gradient_steps - 1, 1)
 
         # Critics: clipped double-Q target with target policy smoothing.
@@ -479,12 +309,15 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
         c_stats = None
         if stats_needed:
             x = jnp.concatenate([flat(batch["obs"]), batch["action"]], -1)
-            c_stats = jax.vmap(lambda p, k: mlp_layer_stats(critic, p, x, k, stats_needed, rows,
-                                                            gaussian_sampled_loglik))(
+            c_stats = jax.vmap(lambda p, k: layer_stats(critic, p, x, k, gaussian_sampled_loglik))(
                 params["critic"], jax.random.split(k_cstats, NUM_CRITICS))
-        critics, c_opt = jax.vmap(critic_step, in_axes=(0, 0, 0, 0, 0, None, None, None))(
-            params["critic"], opt_state["critic"], c_grads, c_stats, jax.random.split(k_copt, NUM_CRITICS),
-            hp.lr, train_fraction, batch_fraction)
+
+        def critic_step(q_params, q_opt, grads, stats, k):
+            extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k)
+            return part_step("critic", q_params, q_opt, grads, stats, hp.lr, extra)
+
+        critics, c_opt = jax.vmap(critic_step)(params["critic"], opt_state["critic"], c_grads, c_stats,
+                                               jax.random.split(k_copt, NUM_CRITICS))
         critic_loss_value = jnp.mean((q - target[None]) ** 2, axis=-1).sum()
         grad_step = grad_step + 1
         params = {**params, "critic": critics}
@@ -500,10 +333,9 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
                 jax.tree.map(lambda x: x[0], params["critic"])), batch["obs"])
             a_stats = None
             if stats_needed:
-                a_stats = mlp_layer_stats(actor, params["actor"], flat(batch["obs"]), k_astats, stats_needed,
-                                          rows, actor_loglik)
+                a_stats = layer_stats(actor, params["actor"], flat(batch["obs"]), k_astats, actor_loglik)
             extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k_aopt)
-            new_actor, new_a_opt = actor_step(params["actor"], a_opt, a_grads, a_stats, hp.lr, extra)
+            new_actor, new_a_opt = part_step("actor", params["actor"], a_opt, a_grads, a_stats, hp.lr, extra)
             new_params = {**params, "actor": new_actor}
             new_targets = polyak(target_params, new_params, hp.tau)
             pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(due, n, o), new, old)  # noqa: E731
@@ -537,7 +369,7 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
             k_env, state.env_state, to_env_action(action), env_params)
         # The true next observation (before any auto-reset); only termination
         # stops bootstrapping, truncation does not.
-        buffer = buffer_add(state.buffer, dict(
+        buffer = replay_buffer.add(state.buffer, dict(
             obs=state.obs, action=action, reward=reward,
             next_obs=info["final_obs"], terminated=terminated.astype(jnp.float32)))
 
@@ -565,17 +397,10 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
             any_member(ready), train_phase, no_train,
             (state.params, state.target_params, state.opt_state, state.grad_step))
 
-        done = info["returned_episode"]
-        n_done = done.sum()
-        mean_ret = jnp.sum(info["returned_episode_return"] * done) / jnp.maximum(n_done, 1)
-        last_return = jnp.where(n_done > 0, mean_ret, state.last_return)
-        metrics = dict(summary)
-        metrics.update(
-            episode_return=last_return,
-            episodes=n_done.astype(jnp.int32),
-            trained=ready,
-            finite=jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])),
-        )
+        last_return, n_done = core.episode_summary(info["returned_episode_return"], info["returned_episode"],
+                                                   state.last_return)
+        metrics = dict(summary, episode_return=last_return, episodes=n_done, trained=ready,
+                       finite=core.all_finite(params))
         new_state = state.replace(
             params=params, target_params=target_params, opt_state=opt_state, buffer=buffer,
             env_state=env_state, obs=next_obs, key=key, update_step=state.update_step + 1,
@@ -583,13 +408,5 @@ def make_td3(config: TD3Config, env, env_params, tx: optax.GradientTransformatio
         )
         return new_state, metrics
 
-    def run(state: TD3State, num_updates: int):
-        """``num_updates`` iterations (static) in one ``lax.scan``; metrics ``[num_updates]``."""
-        return jax.lax.scan(lambda s, _: update(s), state, None, num_updates)
-
-    def train(key: jax.Array, hparams: TD3HParams):
-        """Whole training from scratch: ``config.num_updates`` iterations."""
-        return run(init(key, hparams), config.num_updates)
-
-    return TD3Agent(config, init, update, run, train, full_tx, init_opt, stats_needed, injected_lr is not None,
-                    act, q_values)
+    run, train = core.make_run_train(init, update, config.num_updates)
+    return TD3Agent(config, init, update, run, train, full_tx, stats_needed, uses_lr, init_opt, act, q_values)

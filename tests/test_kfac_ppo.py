@@ -19,8 +19,7 @@ from tests.conftest import ROOT
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
-    sys.path.insert(0, {root!r})
+    import json
     import envs, jax, jax.numpy as jnp, numpy as np
     import learned_optim
     from learned_optim.curvature import CurvatureHealth
@@ -49,7 +48,7 @@ SCRIPT = textwrap.dedent(
 
 def test_kfac_in_vmapped_ppo_runs_finite_without_hanging():
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(root=ROOT)], capture_output=True, text=True, timeout=240,
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=240,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

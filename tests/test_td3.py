@@ -12,7 +12,7 @@ import pytest
 
 import envs
 import learned_optim
-from agents import td3
+from agents import presets, replay_buffer, td3
 from agents.td3 import TD3Config, TD3HParams, make_td3
 
 # One gradient step per iteration, so the delayed actor update is visible step by step.
@@ -54,11 +54,11 @@ def test_config_and_hparam_errors_are_clear():
     with pytest.raises(ValueError, match="unknown TD3 hyperparameter"):
         TD3HParams.default(learning_rate=1e-3)
     with pytest.raises(ValueError, match="unknown TD3 setting"):
-        td3.resolve_config("Pendulum-v1", num_steps=4)
+        presets.resolve_config("Pendulum-v1", agent="td3", num_steps=4)
     env, p = envs.make("CartPole-v1")
     with pytest.raises(ValueError, match="continuous"):
         make_td3(TINY, env, p, learned_optim.from_spec("adam"))
-    cfg, hp = td3.resolve_config("Pendulum-v1", total_timesteps=1000, lr=3e-4)
+    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=1000, lr=3e-4)
     assert cfg.total_timesteps == 1000 and cfg.hidden_sizes == (64, 64) and hp["lr"] == 3e-4
     assert cfg.num_updates == 1000 // cfg.num_envs and cfg.steps_per_update == cfg.num_envs
 
@@ -98,20 +98,20 @@ def test_polyak_by_hand_keeps_dtypes():
 
 
 def test_replay_buffer_add_wraps_around_and_samples_filled_rows():
-    buf = td3.buffer_init({"x": jnp.zeros((2,)), "t": jnp.zeros(())}, capacity=5)
+    buf = replay_buffer.init({"x": jnp.zeros((2,)), "t": jnp.zeros(())}, capacity=5)
     assert buf.capacity == 5 and int(buf.size) == 0
-    buf = td3.buffer_add(buf, {"x": jnp.arange(6.0).reshape(3, 2), "t": jnp.array([1.0, 2.0, 3.0])})
+    buf = replay_buffer.add(buf, {"x": jnp.arange(6.0).reshape(3, 2), "t": jnp.array([1.0, 2.0, 3.0])})
     assert int(buf.ptr) == 3 and int(buf.size) == 3
     # Only the 3 filled rows are ever drawn.
-    s = td3.buffer_sample(buf, jax.random.key(0), 200)
+    s = replay_buffer.sample(buf, jax.random.key(0), 200)
     assert set(np.asarray(s["t"]).tolist()) == {1.0, 2.0, 3.0}
     np.testing.assert_array_equal(np.asarray(s["x"])[:, 0] / 2 + 1, np.asarray(s["t"]))  # rows stay whole
-    buf = td3.buffer_add(buf, {"x": 10 + jnp.arange(8.0).reshape(4, 2), "t": jnp.array([4.0, 5.0, 6.0, 7.0])})
+    buf = replay_buffer.add(buf, {"x": 10 + jnp.arange(8.0).reshape(4, 2), "t": jnp.array([4.0, 5.0, 6.0, 7.0])})
     # Rows 3, 4, 0, 1 written: the two oldest (t=1, 2) overwritten.
     assert int(buf.ptr) == 2 and int(buf.size) == 5
     np.testing.assert_array_equal(buf.data["t"], [6.0, 7.0, 3.0, 4.0, 5.0])
     np.testing.assert_array_equal(buf.data["x"][0], [14.0, 15.0])
-    s = td3.buffer_sample(buf, jax.random.key(1), 300)
+    s = replay_buffer.sample(buf, jax.random.key(1), 300)
     assert set(np.asarray(s["t"]).tolist()) == {3.0, 4.0, 5.0, 6.0, 7.0}
 
 
@@ -308,7 +308,9 @@ def test_pbt_copies_targets_with_weights_and_reinits_other_kinds(pendulum):
         batch_size=8, gradient_steps=1)
     assert spu == 4 and n_up == 100 and "target_params" in agents[0].copy_fields
     assert spaces[0].names == ("lr", "gamma", "tau", "policy_noise", "noise_clip", "exploration_noise")
-    assert spaces[1].low[0] == pbt.LR_BOUNDS["kfac"][0]  # per-kind lr bounds
+    from learned_optim import registry
+
+    assert spaces[1].low[0] == registry.info("kfac").lr_bounds[0]  # per-kind lr bounds
     shape = jax.eval_shape(agents[1].init, jax.random.key(0), base)
     assert jax.tree.structure(jax.eval_shape(agents[1].init_opt, shape.params)) == \
         jax.tree.structure(shape.opt_state)
@@ -319,7 +321,7 @@ def test_td3_learns_pendulum_slow():
     """Two seeds, 2e4 env steps: random play scores about -1200..-1400 on
     Pendulum; TD3 must be near the solved level (about -150)."""
     env, p = envs.make("Pendulum-v1")
-    cfg, hp = td3.resolve_config("Pendulum-v1", total_timesteps=20_000)
+    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=20_000)
     agent = make_td3(cfg, env, p, learned_optim.from_spec("adam"))
     hps = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), TD3HParams.default(**hp))
     _, m = jax.jit(jax.vmap(agent.train))(jax.random.split(jax.random.key(0), 2), hps)
@@ -332,7 +334,7 @@ def test_td3_learns_pendulum():
     """One seed, 1e4 env steps of the Pendulum preset (about 50 s on 2 busy
     cores): a broken TD3 stays at random play's -1200..-1600."""
     env, p = envs.make("Pendulum-v1")
-    cfg, hp = td3.resolve_config("Pendulum-v1", total_timesteps=10_000)
+    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=10_000)
     agent = make_td3(cfg, env, p, learned_optim.from_spec("adam"))
     _, m = jax.jit(agent.train)(jax.random.key(0), TD3HParams.default(**hp))
     ret = np.asarray(m["episode_return"])
