@@ -27,13 +27,16 @@ def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _keys_to_data(tree):
+def keys_to_data(tree):
+    """``tree`` with every typed PRNG key replaced by its raw ``uint32`` key data."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
-def _data_to_keys(tree, like):
+def data_to_keys(raw, like):
+    """Inverse of ``keys_to_data``: leaves of ``raw`` where ``like`` holds a typed
+    key become typed keys of ``like``'s implementation; the others are kept."""
     return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-                        tree, like)
+                        raw, like)
 
 
 def _manager(directory: str, max_to_keep: int = 2):
@@ -50,7 +53,7 @@ def save(directory: str, step: int, state: Any, document: Dict[str, Any]) -> Non
     import orbax.checkpoint as ocp
 
     mngr = _manager(directory)
-    state = jax.device_get(_keys_to_data(state))
+    state = jax.device_get(keys_to_data(state))
     mngr.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), document=ocp.args.JsonSave(document)),
@@ -92,9 +95,9 @@ def restore(directory: str, target: Any, config: Dict[str, Any]) -> Tuple[int, A
                 f"{', '.join(diff)}); use the same settings or a fresh --out directory"
             )
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                                _keys_to_data(target))
+                                keys_to_data(target))
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        state = _data_to_keys(state, target)
+        state = data_to_keys(state, target)
     except CheckpointError:
         raise
     except Exception as e:  # corrupted or incompatible files

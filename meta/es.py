@@ -1,14 +1,23 @@
 """Meta-training learned optimizers with evolution strategies (evosax 0.3).
 
-A generation is one jitted program: ask the ES for a population of
-meta-parameter candidates, train ``seeds`` PPO agents from scratch with each
-candidate on every env (all vmapped; the population axis sharded over the
-devices of a ``Mesh`` with a ``"pop"`` axis), turn final returns into
-fitness, and tell the ES. evosax minimises, so it is told ``-fitness``.
+``make_es(config, rule, evaluation) -> ES`` returns pure functions, like the
+other outer loops: ``init(key) -> ESState`` and ``step(state) -> (state,
+metrics)``, one generation. The caller jits ``step`` with the ES's
+shardings: ``meta.distributed.jit_placed(es.step, es.state_sharding)`` on a
+state placed by ``jax.device_put(es.init(key), es.state_sharding)``. A generation asks the ES for a population of
+meta-parameter candidates, scores them with ``evaluation`` (the population
+axis sharded over the devices of a ``Mesh`` with a ``"pop"`` axis), turns
+their returns into fitness and tells the ES. evosax minimises, so it is told
+``-fitness``.
 
-Fitness of a candidate = mean over envs of (mean over seeds of the final
-return) / |reference return of that env|. A candidate whose return is NaN or
-Inf gets the worst fitness and is counted; it never breaks the generation.
+Two evaluations: ``lifetime_evaluation`` (here; the default) trains
+``seeds`` fresh PPO agents per env with every candidate for a whole lifetime;
+``meta.pipeline_es.unit_evaluation`` runs every candidate on the same
+pipeline units for a window and carries the units in the ES state.
+
+Fitness of a candidate = mean over envs of (mean over seeds of its return) /
+|reference return of that env|. A candidate whose return is NaN or Inf gets
+the worst fitness and is counted; it never breaks the generation.
 
 A learned *rule* is anything with ``init_meta_params(key) -> pytree`` and
 ``make_optimizer(meta_params) -> optax transform`` (see ``learned_optim``).
@@ -17,7 +26,8 @@ A learned *rule* is anything with ``init_meta_params(key) -> pytree`` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+import inspect
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +37,17 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import envs
-from meta.experiment import resolve_config
 from agents.ppo import PPOHParams, make_ppo
+from meta.distributed import POP, population_mesh, replicated_sharding
+from agents.presets import resolve_config
 
 WORST_FITNESS = -1e6  # given to candidates whose return is NaN/Inf
 
 
 @dataclasses.dataclass(frozen=True)
 class ESConfig:
-    """Static settings of an ES meta-training run."""
+    """Static settings of an ES meta-training run (``seeds`` and ``timesteps``
+    are those of ``lifetime_evaluation``)."""
 
     envs: Tuple[str, ...] = ("CartPole-v1",)
     algorithm: str = "Open_ES"
@@ -85,10 +97,48 @@ class ESConfig:
 
 
 @struct.dataclass
-class ESRunState:
+class ESState:
     es_state: Any
     key: jax.Array  # raw uint32 key data, so checkpoints stay plain arrays
     generation: jax.Array
+
+
+@struct.dataclass
+class CarriedESState(ESState):
+    """The state of an ES whose evaluation carries something across
+    generations (ES over units: a tuple over envs of pipeline states). Two
+    classes, not an empty field, so that checkpoints keep their layout."""
+
+    pipes: Any
+
+
+class Evaluation(NamedTuple):
+    """How a generation's candidates are scored.
+
+    ``evaluate(carried, pop, key, mean, map_population)`` gets the carried
+    state, the candidates ``pop`` (leaves ``[P, ...]``), a key, the ES mean
+    before this generation's update and ``map_population(fn, pop,
+    member_args, shared)`` (runs ``fn(candidate, member_arg, shared)`` for
+    every candidate on its device); it returns ``(returns [P, E, S], carried,
+    extra metrics)``.
+    """
+
+    init: Optional[Callable]  # (key, mean) -> carried state (CarriedESState.pipes); None: nothing carried
+    evaluate: Callable
+    env_steps_per_generation: int
+
+
+class ES(NamedTuple):
+    config: ESConfig
+    init: Callable  # key -> ESState, or CarriedESState when the evaluation carries state
+    #                 (the CLI passes jax.random.key(config.seed))
+    step: Callable  # ESState -> (ESState, metrics): one generation, pure; jit it (jit_placed)
+    mean_meta_params: Callable  # ESState -> the ES mean, the optimizer the run hands out
+    fitness_from_returns: Callable  # returns [P, E, S] -> (fitness [P], per-env returns [P, E], NaN count)
+    evaluation: Evaluation
+    map_population: Callable  # (fn, pop, member_args, shared) -> stacked [P, ...] (make_map_population)
+    mesh: Mesh
+    state_sharding: NamedSharding  # where the state lives between generations (replicated over the mesh)
 
 
 def make_algorithm(config: ESConfig, template):
@@ -96,8 +146,6 @@ def make_algorithm(config: ESConfig, template):
 
     cls = algos.algorithms[config.algorithm]
     kwargs = dict(population_size=config.population, solution=template)
-    import inspect
-
     sig = inspect.signature(cls.__init__).parameters
     if "optimizer" in sig:
         kwargs["optimizer"] = optax.adam(config.lr)
@@ -105,8 +153,8 @@ def make_algorithm(config: ESConfig, template):
         kwargs["std_schedule"] = optax.constant_schedule(config.sigma)
     if "use_antithetic_sampling" in sig:
         kwargs["use_antithetic_sampling"] = config.antithetic
-    es = cls(**kwargs)
-    return es, es.default_params
+    algo = cls(**kwargs)
+    return algo, algo.default_params
 
 
 def final_return_jnp(metrics: Dict[str, jax.Array], fraction: float = 0.1) -> jax.Array:
@@ -150,96 +198,100 @@ def env_steps_per_generation(config: ESConfig) -> int:
     return total * config.seeds * config.population
 
 
-def population_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("pop",))
+def lifetime_evaluation(config: ESConfig, rule) -> Evaluation:
+    """Every candidate trains fresh agents (``make_evaluator``) from its own
+    keys; nothing is carried between generations."""
+    train = make_evaluator(config, rule)
+
+    def evaluate(carried, pop, key, mean, map_population):
+        del mean
+        keys = jax.random.key_data(jax.random.split(key, config.population))
+        returns = map_population(lambda m, k, _: train(m, jax.random.wrap_key_data(k)), pop, keys, ())
+        return returns, carried, {}
+
+    return Evaluation(None, evaluate, env_steps_per_generation(config))
 
 
-class ESTrainer:
-    """Builds the jitted generation step for ``config`` and ``rule``."""
+def make_map_population(mesh: Mesh, member_batch: Optional[int]) -> Callable:
+    """``map_population(fn, pop, member_args, shared)``: ``fn(candidate,
+    member_arg, shared)`` for every candidate, stacked on a leading ``[P]``
+    axis. Each device runs its own slice of the population (``shard_map``
+    over the ``"pop"`` axis; ``shared`` is replicated): no communication
+    inside the training loops, one gather at the end. Within a device,
+    ``member_batch`` candidates at a time are vmapped (None: 8 on CPU, all
+    on accelerators)."""
+    batch = member_batch
+    if batch is None:
+        batch = 8 if mesh.devices.flat[0].platform == "cpu" else None
 
-    def __init__(self, config: ESConfig, rule, reference_returns: Sequence[float], mesh: Optional[Mesh] = None):
-        self.config, self.rule = config, rule
-        self.reference = jnp.asarray(np.maximum(np.abs(np.asarray(reference_returns, np.float32)), 1e-6))
-        self.mesh = mesh or population_mesh()
-        n_dev = self.mesh.devices.size
-        if config.population % n_dev:
-            raise ValueError(
-                f"--population {config.population} does not divide over {n_dev} devices; "
-                f"use a multiple of {n_dev}"
-            )
-        self.template = rule.init_meta_params(jax.random.key(config.seed))
-        self.es, self.es_params = make_algorithm(config, self.template)
-        self.evaluate = self._make_evaluator()
-        self.generation_step = jax.jit(self._generation)
-
-    def _make_evaluator(self):
-        return make_evaluator(self.config, self.rule)
-
-    def init(self) -> ESRunState:
-        key = jax.random.key(self.config.seed)
-        k_init, k_run = jax.random.split(key)
-        return self.place(self._init_run(k_init, k_run))
-
-    def _init_run(self, k_init, k_run) -> ESRunState:
-        es_state = self.es.init(k_init, self.template, self.es_params)
-        # evosax starts some fields as Python scalars (weakly typed); make them
-        # plain arrays so the jitted generation does not recompile after step 1.
-        es_state = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), es_state)
-        return ESRunState(es_state, jax.random.key_data(k_run), jnp.zeros((), jnp.int32))
-
-    def place(self, run: ESRunState) -> ESRunState:
-        """Replicates the run state over the mesh, as the generation step returns it
-        (same placement in and out: no recompilation between generations)."""
-        return jax.device_put(run, NamedSharding(self.mesh, PartitionSpec()))
-
-    def fitness_from_returns(self, returns):
-        """returns ``[P, E, S]`` -> (fitness [P], mean returns [P, E], nan count)."""
-        per_env = returns.mean(-1)
-        bad = ~jnp.all(jnp.isfinite(per_env), axis=-1)
-        fitness = jnp.mean(per_env / self.reference, axis=-1)
-        fitness = jnp.where(bad, WORST_FITNESS, fitness)
-        return fitness, per_env, bad.sum().astype(jnp.int32)
-
-    def _generation(self, run: ESRunState):
-        key = jax.random.fold_in(jax.random.wrap_key_data(run.key), run.generation)
-        k_ask, k_eval, k_tell = jax.random.split(key, 3)
-        pop, es_state = self.es.ask(k_ask, run.es_state, self.es_params)
-        returns, run, extra = self._evaluate_generation(run, pop, k_eval)  # returns [P, E, S]
-        fitness, per_env, nans = self.fitness_from_returns(returns)
-        es_state, _ = self.es.tell(k_tell, pop, -fitness, es_state, self.es_params)
-        metrics = dict(fitness=fitness, returns=per_env, nan_count=nans, **extra)
-        # Keep dtypes exactly as they came in (evosax's std schedule is weakly typed).
-        es_state = jax.tree.map(lambda new, old: jnp.asarray(new, dtype=old.dtype), es_state, run.es_state)
-        return run.replace(es_state=es_state, generation=run.generation + 1), metrics
-
-    def _evaluate_generation(self, run: ESRunState, pop, key):
-        """Returns ``(returns [P, E, S], run, extra metrics)``. Here: every
-        candidate trains fresh agents from its own keys; ``run`` is unchanged."""
-        keys = jax.random.key_data(jax.random.split(key, self.config.population))
-        evaluate = lambda m, k, _: self.evaluate(m, jax.random.wrap_key_data(k))  # noqa: E731
-        return self._map_population(evaluate, pop, keys, ()), run, {}
-
-    def _map_population(self, fn, pop, member_args, shared):
-        """``fn(candidate, member_arg, shared)`` for every candidate, stacked on
-        a leading ``[P]`` axis. Each device runs its own slice of the population
-        (``shard_map`` over the ``"pop"`` axis; ``shared`` is replicated): no
-        communication inside the training loops, one gather at the end."""
-
-        batch = self.config.member_batch
-        if batch is None:
-            batch = 8 if self.mesh.devices.flat[0].platform == "cpu" else None
-
+    def map_population(fn, pop, member_args, shared):
         def local(pop, member_args, shared):
             n = jax.tree.leaves(pop)[0].shape[0]
             if batch is None or batch >= n:
                 return jax.vmap(fn, (0, 0, None))(pop, member_args, shared)
             return jax.lax.map(lambda a: fn(a[0], a[1], shared), (pop, member_args), batch_size=batch)
 
-        spec = PartitionSpec("pop")
+        spec = PartitionSpec(POP)
         # check_vma=False: the inner scans start from per-member constants (env
         # resets), which shard_map's replication checker would reject.
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
                              check_vma=False)(pop, member_args, shared)
 
-    def mean_meta_params(self, run: ESRunState):
-        return self.es.get_mean(run.es_state)
+    return map_population
+
+
+def make_es(config: ESConfig, rule, evaluation: Optional[Evaluation] = None,
+            reference_returns: Optional[Sequence[float]] = None, mesh: Optional[Mesh] = None) -> ES:
+    """ES over ``rule``'s meta-parameters. ``evaluation``: default
+    ``lifetime_evaluation(config, rule)``. ``reference_returns``: one per env
+    (default ``config.reference_returns``, else 1). ``mesh``: the devices to
+    shard the population over (default all; their number must divide it)."""
+    if evaluation is None:
+        evaluation = lifetime_evaluation(config, rule)
+    if reference_returns is None:
+        reference_returns = config.reference_returns or [1.0] * len(config.envs)
+    reference = jnp.asarray(np.maximum(np.abs(np.asarray(reference_returns, np.float32)), 1e-6))
+    mesh = population_mesh(config.population, None if mesh is None else list(mesh.devices.flat))
+    # The ES needs a concrete solution for its shapes; init draws the real start from its key.
+    algo, algo_params = make_algorithm(config, rule.init_meta_params(jax.random.key(config.seed)))
+    map_population = make_map_population(mesh, config.member_batch)
+
+    def init(key) -> ESState:
+        k_init, k_run = jax.random.split(key)
+        es_state = algo.init(k_init, rule.init_meta_params(key), algo_params)
+        # evosax starts some fields as Python scalars (weakly typed); make them
+        # plain arrays so the jitted generation does not recompile after step 1.
+        es_state = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), es_state)
+        if evaluation.init is None:
+            return ESState(es_state, jax.random.key_data(k_run), jnp.zeros((), jnp.int32))
+        k_run, k_carried = jax.random.split(k_run)
+        pipes = evaluation.init(k_carried, algo.get_mean(es_state))
+        return CarriedESState(es_state, jax.random.key_data(k_run), jnp.zeros((), jnp.int32), pipes)
+
+    def fitness_from_returns(returns):
+        per_env = returns.mean(-1)
+        bad = ~jnp.all(jnp.isfinite(per_env), axis=-1)
+        fitness = jnp.mean(per_env / reference, axis=-1)
+        fitness = jnp.where(bad, WORST_FITNESS, fitness)
+        return fitness, per_env, bad.sum().astype(jnp.int32)
+
+    def step(state: ESState):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.generation)
+        k_ask, k_eval, k_tell = jax.random.split(key, 3)
+        pop, es_state = algo.ask(k_ask, state.es_state, algo_params)
+        carried = () if evaluation.init is None else state.pipes
+        returns, carried, extra = evaluation.evaluate(carried, pop, k_eval, algo.get_mean(state.es_state),
+                                                      map_population)
+        fitness, per_env, nans = fitness_from_returns(returns)
+        es_state, _ = algo.tell(k_tell, pop, -fitness, es_state, algo_params)
+        metrics = dict(fitness=fitness, returns=per_env, nan_count=nans, **extra)
+        # Keep dtypes exactly as they came in (evosax's std schedule is weakly typed).
+        es_state = jax.tree.map(lambda new, old: jnp.asarray(new, dtype=old.dtype), es_state, state.es_state)
+        state = state.replace(es_state=es_state, generation=state.generation + 1)
+        return (state if evaluation.init is None else state.replace(pipes=carried)), metrics
+
+    def mean_meta_params(state: ESState):
+        return algo.get_mean(state.es_state)
+
+    return ES(config, init, step, mean_meta_params, fitness_from_returns, evaluation, map_population, mesh,
+              replicated_sharding(mesh))

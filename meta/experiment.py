@@ -1,6 +1,7 @@
 """Training PPO over several seeds in one vmapped program, in chunks so a
-host loop can report progress between them. Used by scripts/train.py and
-scripts/benchmark.py."""
+host loop can report progress between them, and learning-rate sweeps as one
+program. Used by ``meta.cli.train``, ``meta.benchmark`` and the final
+comparisons of meta-training. Configs come from ``agents.presets``."""
 
 from __future__ import annotations
 
@@ -14,25 +15,10 @@ import numpy as np
 
 import envs
 import learned_optim
-from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo, PRESETS, preset_for
-from meta.report import chunk_sizes, fmt_eta, peak_memory_mb
-
-
-def resolve_config(env_name: str, preset: Optional[str] = None, **overrides):
-    """(config, hparams-dict) for ``env_name``: the env family's preset with
-    ``overrides`` applied (config fields and hyperparameters by name)."""
-    name = preset or preset_for(env_name)
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
-    config, hp = PRESETS[name]
-    cfg_fields = {f.name for f in dataclasses.fields(PPOConfig)}
-    hp_fields = set(PPOHParams._fields)
-    cfg_over = {k: v for k, v in overrides.items() if k in cfg_fields and v is not None}
-    hp_over = {k: v for k, v in overrides.items() if k in hp_fields and v is not None}
-    unknown = set(overrides) - cfg_fields - hp_fields
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}")
-    return dataclasses.replace(config, **cfg_over), {**hp, **hp_over}
+from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
+from learned_optim import registry
+from learned_optim.spec import explicit_learning_rate, split_spec
+from meta.host import chunk_sizes, fmt_eta, peak_memory_mb
 
 
 # The env presets' learning rates were tuned for Adam.
@@ -44,12 +30,10 @@ def hparams_for_spec(hparams: Dict[str, float], optimizer_spec: str, lr: Optiona
     own ``lr=`` > the preset's default for Adam-family specs (the presets were
     tuned for Adam) > the optimizer's own default (``kfac`` 0.05, ``sgd``
     0.01, ...). Optimizers without a learning rate (OPEN) leave it unused."""
-    from learned_optim.spec import default_learning_rate, explicit_learning_rate, split_spec
-
     spec_lr = explicit_learning_rate(optimizer_spec)
     chosen = lr if lr is not None else spec_lr
     if chosen is None and split_spec(optimizer_spec)[0] not in PRESET_LR_OPTIMIZERS:
-        chosen = default_learning_rate(optimizer_spec)
+        chosen = registry.info(optimizer_spec).default_lr
     return {**hparams, "lr": chosen} if chosen is not None else dict(hparams)
 
 
@@ -196,9 +180,7 @@ def train_lr_sweep(
         raise ValueError(f"lr grid must be positive finite numbers, got {lrs}")
     if num_seeds < 1:
         raise ValueError(f"--tune-seeds must be >= 1, got {num_seeds}")
-    from learned_optim.spec import default_learning_rate
-
-    if default_learning_rate(optimizer_spec) is None:
+    if registry.info(optimizer_spec).default_lr is None:
         raise ValueError(f"optimizer {optimizer_spec!r} has no injected learning rate to tune")
     num_lrs = len(lrs)
     hp = PPOHParams.default(**hparams)
@@ -207,7 +189,7 @@ def train_lr_sweep(
     keys = jnp.tile(tuning_keys(seed, num_seeds), (num_lrs,))
     raw = _train_members(env_name, optimizer_spec, config, hp_pop, keys, log, target_chunks,
                          f"{env_name} | {optimizer_spec} | lr sweep {num_lrs}x{num_seeds}")
-    if not raw["uses_lr"]:  # pragma: no cover - default_learning_rate said otherwise
+    if not raw["uses_lr"]:  # pragma: no cover - the registry said otherwise
         raise ValueError(f"optimizer {optimizer_spec!r} ignores hparams.lr")
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
     returns = final_return(metrics).reshape(num_lrs, num_seeds)

@@ -73,7 +73,7 @@ class MetaGradTrainer(NamedTuple):
 def make_metagrad(config: MetaGradConfig, rule, env_pairs: Sequence[Tuple[Any, Any]],
                   a2c_config: A2CConfig, hparams: A2CHParams) -> MetaGradTrainer:
     """``env_pairs``: ``[(env, env_params), ...]`` from ``envs.make``; ``rule``: a
-    ``learned_optim`` rule (e.g. ``rule_class("optim4rl")()``)."""
+    ``learned_optim`` rule (e.g. ``registry.make_rule("optim4rl")``)."""
     if not env_pairs:
         raise ValueError("make_metagrad: env_pairs must name at least one env")
     unit_fns = tuple(make_a2c_units(rule, env, p, a2c_config, hparams) for env, p in env_pairs)

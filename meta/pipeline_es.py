@@ -1,9 +1,11 @@
 """ES over pipeline units: fitness from the units' progress, not whole lifetimes.
 
-``ESTrainer`` (``meta/es.py``) scores a candidate by training fresh agents for
-a whole lifetime. Here every env has ``N`` A2C training units (``meta/pipeline``)
-carried across generations and reset on their staggered schedule, so the
-units' ages are spread over the agent lifetime. One generation:
+``meta.es.lifetime_evaluation`` scores a candidate by training fresh agents for
+a whole lifetime. ``unit_evaluation`` here is the other evaluation for
+``meta.es.make_es``: every env has ``N`` A2C training units
+(``meta/pipeline``) carried across generations in the ES state and reset on
+their staggered schedule, so the units' ages are spread over the agent
+lifetime. One generation:
 
 1. ask the ES for ``P`` candidates; units due for a reset are re-initialised;
 2. every candidate drives *the same* units (same parameters, optimizer state,
@@ -11,7 +13,7 @@ units' ages are spread over the agent lifetime. One generation:
    its return on env ``e`` is the mean over units of the return of the
    episodes that end inside the window (a unit where none ends counts with
    its previous return, equal for all candidates);
-3. fitness and tell as in ``ESTrainer`` (``return / |reference|`` averaged
+3. fitness and tell as for whole lifetimes (``return / |reference|`` averaged
    over envs; references default to 1); evosax minimises, so ``-fitness``;
 4. the carried units advance by ``window`` updates with the ES *mean* (the
    optimizer the run would hand out); the candidates' copies are dropped.
@@ -34,15 +36,14 @@ for episodes to end (``window * num_steps`` env steps per unit).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 import envs
 from agents.a2c import A2CConfig, A2CHParams
-from meta.es import ESConfig, ESRunState, ESTrainer
+from meta.es import ESConfig
 from meta.pipeline import PipelineConfig, make_pipeline
 from meta.units import make_a2c_units
 
@@ -60,68 +61,57 @@ class PipelineESConfig:
             raise ValueError(f"PipelineESConfig.window must be a positive integer, got {self.window!r}")
 
 
-@struct.dataclass
-class PipelineESRunState(ESRunState):
-    pipes: Any  # tuple over envs of PipelineState; units are A2CState with leaves [N, ...]
+class UnitEvaluation(NamedTuple):
+    """An ``meta.es.Evaluation`` (the first three fields) plus the window one
+    optimizer runs on the units."""
+
+    init: Callable  # (key, mean) -> tuple over envs of PipelineState (units: A2CState, leaves [N, ...])
+    evaluate: Callable
+    env_steps_per_generation: int
+    run_window: Callable  # (meta_params, units per env) -> (window returns [E, N], advanced units)
 
 
-class PipelineESTrainer(ESTrainer):
-    """ES over pipeline units. ``config`` supplies the envs, algorithm,
-    population, sigma, lr, antithetic sampling, seed and member batching
-    (its ``seeds`` and ``timesteps`` are not used)."""
+def unit_evaluation(config: ESConfig, rule, pipeline_config: PipelineESConfig, a2c_config: A2CConfig,
+                    hparams: A2CHParams, env_overrides: Optional[Dict[str, Dict[str, Any]]] = None
+                    ) -> UnitEvaluation:
+    """Evaluation over pipeline units for ``make_es(config, rule, ...)``; of
+    ``config`` it uses the envs and the population (not ``seeds`` or
+    ``timesteps``). ``env_overrides``: env name -> ``envs.make`` overrides
+    (e.g. ``scale_rewards``)."""
+    env_overrides = dict(env_overrides or {})
+    units = tuple(make_a2c_units(rule, *envs.make(name, **env_overrides.get(name, {})), a2c_config, hparams)
+                  for name in config.envs)
+    pipelines = tuple(make_pipeline(pipeline_config.pipeline, u.init) for u in units)
 
-    def __init__(self, config: ESConfig, rule, pipeline_config: PipelineESConfig, a2c_config: A2CConfig,
-                 hparams: A2CHParams, reference_returns: Optional[Sequence[float]] = None, mesh=None,
-                 env_overrides: Optional[Dict[str, Dict[str, Any]]] = None):
-        """``env_overrides``: env name -> ``envs.make`` overrides (e.g. ``scale_rewards``)."""
-        self.pipeline_config, self.a2c_config, self.hparams = pipeline_config, a2c_config, hparams
-        self.env_overrides = dict(env_overrides or {})
-        if reference_returns is None:
-            reference_returns = [1.0] * len(config.envs)
-        super().__init__(config, rule, reference_returns, mesh)
-
-    def _make_evaluator(self):
-        self.units = tuple(make_a2c_units(self.rule, *envs.make(name, **self.env_overrides.get(name, {})),
-                                          self.a2c_config, self.hparams)
-                           for name in self.config.envs)
-        self.pipelines = tuple(make_pipeline(self.pipeline_config.pipeline, u.init) for u in self.units)
-        return self.run_window
-
-    def run_window(self, meta_params, units_per_env):
+    def run_window(meta_params, units_per_env):
         """``window`` A2C updates of every unit with ``meta_params``' optimizer.
         ``units_per_env``: tuple over envs of units ``[N, ...]``. Returns
         (window returns ``[E, N]``, the advanced units)."""
         returns, advanced = [], []
-        for fns, units in zip(self.units, units_per_env):
+        for fns, unit_batch in zip(units, units_per_env):
             tx = fns.make_tx(meta_params)
-            new, stats = jax.vmap(lambda unit: fns.run(unit, tx, self.pipeline_config.window))(units)
+            new, stats = jax.vmap(lambda unit: fns.run(unit, tx, pipeline_config.window))(unit_batch)
             returns.append(stats["window_return"])
             advanced.append(new)
         return jnp.stack(returns), tuple(advanced)
 
-    def _init_run(self, k_init, k_run) -> PipelineESRunState:
-        k_run, k_pipes = jax.random.split(k_run)
-        run = super()._init_run(k_init, k_run)
-        mean = self.es.get_mean(run.es_state)
-        keys = jax.random.split(k_pipes, len(self.pipelines))
-        pipes = tuple(p.init(k, mean) for p, k in zip(self.pipelines, keys))
-        return PipelineESRunState(run.es_state, run.key, run.generation, pipes)
+    def init(key, mean):
+        keys = jax.random.split(key, len(pipelines))
+        return tuple(p.init(k, mean) for p, k in zip(pipelines, keys))
 
-    def _evaluate_generation(self, run: PipelineESRunState, pop, key):
+    def evaluate(pipes, pop, key, mean, map_population):
         del key  # common random numbers: every candidate uses the units' own keys
-        mean = self.es.get_mean(run.es_state)
-        stepped = [p.maybe_reset(s, mean) for p, s in zip(self.pipelines, run.pipes)]
+        stepped = [p.maybe_reset(s, mean) for p, s in zip(pipelines, pipes)]
         pipes = [s for s, _ in stepped]
-        units = tuple(s.units for s in pipes)
-        returns = self._map_population(lambda m, _, shared: self.run_window(m, shared)[0], pop, None, units)
-        mean_returns, advanced = self.run_window(mean, units)
-        pipes = tuple(p.advance(s, u) for p, s, u in zip(self.pipelines, pipes, advanced))
+        unit_states = tuple(s.units for s in pipes)
+        returns = map_population(lambda m, _, shared: run_window(m, shared)[0], pop, None, unit_states)
+        mean_returns, advanced = run_window(mean, unit_states)
+        pipes = tuple(p.advance(s, u) for p, s, u in zip(pipelines, pipes, advanced))
         extra = dict(es_mean_return=mean_returns.mean(-1), unit_ages=jnp.stack([s.ages for s in pipes]),
                      resets=jnp.stack([m.sum() for _, m in stepped]))
-        return returns, run.replace(pipes=pipes), extra
+        return returns, pipes, extra
 
-    def env_steps_per_generation(self) -> int:
-        """Candidates plus the mean, every env and unit, ``window`` rollouts each."""
-        n = self.pipeline_config.pipeline.num_units
-        return (self.config.population + 1) * len(self.config.envs) * n * self.pipeline_config.window \
-            * self.a2c_config.batch_size
+    # Candidates plus the mean, every env and unit, ``window`` rollouts each.
+    steps = ((config.population + 1) * len(config.envs) * pipeline_config.pipeline.num_units
+             * pipeline_config.window * a2c_config.batch_size)
+    return UnitEvaluation(init, evaluate, steps, run_window)

@@ -1,41 +1,6 @@
 #!/usr/bin/env python
-"""Pipeline meta-training (Optim4RL style): an alias of ``scripts/meta_train.py``.
+"""Pipeline meta-training, an alias of ``meta_train.py --method metagrad``: ``meta.cli.meta_train_pipeline``."""
 
-    python scripts/meta_train_pipeline.py --rule optim4rl --envs Catch-bsuite \
-        --pipeline-units 4 --reset-interval 40 --meta-steps 800 --seeds 4
-    python scripts/meta_train_pipeline.py ... --no-pipeline       # ablation: all units reset together
-    python scripts/meta_train_pipeline.py --method es ...         # ES with fitness from the units
+from meta.cli.meta_train_pipeline import main
 
-It runs ``meta_train.py --method metagrad --pipeline-units 4 --out
-runs/meta_train_pipeline`` followed by the given flags (so they win), with the
-flag names this script has always had translated: ``--lr`` is the agent's
-learning rate (``--agent-lr`` there) and ``--seeds`` the seeds of the final
-comparison (``--final-seeds``). See ``meta_train.py --help`` for the rest.
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import meta_train  # noqa: E402
-
-RENAMED = {"--lr": "--agent-lr", "--seeds": "--final-seeds"}
-
-
-def translate(argv):
-    out = []
-    for a in argv:
-        flag, eq, value = a.partition("=")
-        out.append(RENAMED[flag] + eq + value if flag in RENAMED else a)
-    return ["--method", "metagrad", "--pipeline-units", "4", "--out", "runs/meta_train_pipeline"] + out
-
-
-def main(argv=None) -> int:
-    return meta_train.main(translate(sys.argv[1:] if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

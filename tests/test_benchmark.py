@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from meta import benchmark, stats
+from meta import benchmark, lr_tuning, stats
 from tests.conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "scripts", "benchmark.py")
@@ -74,7 +74,7 @@ def test_bad_input_one_line_error(args, message, tmp_path):
 
 @pytest.mark.slow  # the tuned-cell end-to-end test covers the same outputs
 def test_real_tiny_benchmark_end_to_end(tmp_path):
-    from scripts.benchmark import main
+    from meta.cli.benchmark import main
 
     assert main(["--envs", "CartPole-v1", "--optimizers", "adam,sgd", "--seeds", "2", "--timesteps", "4096",
                  "--out", str(tmp_path)]) == 0
@@ -92,53 +92,53 @@ def test_real_tiny_benchmark_end_to_end(tmp_path):
 def test_select_lr_on_hand_made_returns():
     lrs = [1e-4, 3e-4, 1e-3, 3e-3]
     # means 1.5, 5.5, 5.5, 7.0 -> the largest lr wins, and it lies on the edge of the grid
-    c = benchmark.select_lr(lrs, [[1, 2], [5, 6], [9, 2], [7, 7]])
+    c = lr_tuning.select_lr(lrs, [[1, 2], [5, 6], [9, 2], [7, 7]])
     assert c["index"] == 3 and c["lr"] == 3e-3 and c["at_edge"]
     assert c["mean_return"] == pytest.approx([1.5, 5.5, 5.5, 7.0])
     assert c["stderr"][3] == 0.0 and c["stderr"][0] == pytest.approx(0.5)
     # exact tie between 3e-4 and 1e-3 -> the smaller, also when the grid is given out of order
-    c = benchmark.select_lr(lrs, [[1, 1], [5, 5], [6, 4], [2, 2]])
+    c = lr_tuning.select_lr(lrs, [[1, 1], [5, 5], [6, 4], [2, 2]])
     assert c["lr"] == 3e-4 and not c["at_edge"]
-    c = benchmark.select_lr([1e-3, 1e-4, 3e-4], [[6, 4], [1, 1], [5, 5]])
+    c = lr_tuning.select_lr([1e-3, 1e-4, 3e-4], [[6, 4], [1, 1], [5, 5]])
     assert c["lr"] == 3e-4 and c["index"] == 2
     # the best mean has a diverged seed, the second best a NaN return: both lose to the third
-    c = benchmark.select_lr([1e-4, 3e-4, 1e-3], [[3, 3], [np.nan, 9], [9, 9]],
+    c = lr_tuning.select_lr([1e-4, 3e-4, 1e-3], [[3, 3], [np.nan, 9], [9, 9]],
                             diverged=[[False, False], [False, False], [True, False]])
     assert c["lr"] == 1e-4 and c["valid"] == [True, False, False]
     # every lr diverged: the best finite mean among them; nothing finite: the smallest lr
-    c = benchmark.select_lr([1e-4, 3e-4], [[1, 1], [2, 2]], diverged=[[True, False], [False, True]])
+    c = lr_tuning.select_lr([1e-4, 3e-4], [[1, 1], [2, 2]], diverged=[[True, False], [False, True]])
     assert c["lr"] == 3e-4
-    assert benchmark.select_lr([1e-4, 3e-4], [[np.nan, 1], [np.nan, 2]])["lr"] == 1e-4
+    assert lr_tuning.select_lr([1e-4, 3e-4], [[np.nan, 1], [np.nan, 2]])["lr"] == 1e-4
     with pytest.raises(ValueError, match="returns must be"):
-        benchmark.select_lr([1e-4, 3e-4], [1.0, 2.0])
+        lr_tuning.select_lr([1e-4, 3e-4], [1.0, 2.0])
 
 
 def test_lr_grid_parsing_and_resolution():
-    g = benchmark.parse_lr_grid(benchmark.DEFAULT_LR_GRID)
+    g = lr_tuning.parse_lr_grid(lr_tuning.DEFAULT_LR_GRID)
     assert g.relative and g.resolve(3e-3) == (3e-4, 9e-4, 3e-3, 9e-3, 3e-2)
-    g = benchmark.parse_lr_grid(" 1e-3, 1e-4 ,3e-4")
+    g = lr_tuning.parse_lr_grid(" 1e-3, 1e-4 ,3e-4")
     assert not g.relative and g.resolve(0.05) == (1e-4, 3e-4, 1e-3)  # absolute: default ignored, sorted
     for bad, message in [("1e-3", "at least two"), ("", "at least two"), ("x1,1e-3", "mixes"),
                          ("fast,1e-3", "'fast' is not a number"), ("x0.1,xtwo", "multipliers are written"),
                          ("-1e-3,1e-3", "must be positive"), ("nan,1e-3", "must be positive"),
                          ("1e-3,0.001", "repeats")]:
         with pytest.raises(ValueError, match=message):
-            benchmark.parse_lr_grid(bad)
+            lr_tuning.parse_lr_grid(bad)
     # per-optimizer grids after ';', by optimizer name; the unnamed one serves the rest
-    gs = benchmark.parse_lr_grids("3e-4,1e-3; lion=3e-5,1e-4 ;kfac=x0.3,x3")
+    gs = lr_tuning.parse_lr_grids("3e-4,1e-3; lion=3e-5,1e-4 ;kfac=x0.3,x3")
     assert gs.for_spec("adam").resolve(3e-3) == (3e-4, 1e-3)
     assert gs.for_spec("lion").resolve(3e-5) == (3e-5, 1e-4)
     assert gs.for_spec("kfac:period=20").resolve(0.05) == (0.015, 0.15)
-    assert str(benchmark.parse_lr_grids("lion=1e-4,1e-3").default) == benchmark.DEFAULT_LR_GRID
+    assert str(lr_tuning.parse_lr_grids("lion=1e-4,1e-3").default) == lr_tuning.DEFAULT_LR_GRID
     for bad, message in [("1e-3,2e-3;1e-4,2e-4", "two grids without an optimizer name"),
                          ("adamm=1e-3,2e-3", "unknown optimizer 'adamm'"),
                          ("lion=1e-4,1e-3;lion=1e-5,1e-4", "two grids for 'lion'"), ("lion=1e-4", "at least two")]:
         with pytest.raises(ValueError, match=message):
-            benchmark.parse_lr_grids(bad)
+            lr_tuning.parse_lr_grids(bad)
 
 
 def test_make_cells_centres_grids_on_each_optimizers_default():
-    grid = benchmark.parse_lr_grid("x0.1,x1,x10")
+    grid = lr_tuning.parse_lr_grid("x0.1,x1,x10")
     cells = benchmark.make_cells(["Breakout-MinAtar", "CartPole-v1"], ["adam", "kfac", "adam:lr=1e-3", "open"],
                                  seeds=3, timesteps=1e5, lr_grid=grid, tune_seeds=2, tune_timesteps=5e4)
     by = {(c.env, c.optimizer): c for c in cells}
@@ -153,7 +153,7 @@ def test_make_cells_centres_grids_on_each_optimizers_default():
     with pytest.raises(ValueError, match="--lr and --tune-lr"):
         benchmark.make_cells(["CartPole-v1"], ["adam"], 2, 1e4, lr=1e-3, lr_grid=grid)
     cells = benchmark.make_cells(["CartPole-v1"], ["adam", "lion", "kfac:period=20"], 2, 1e4,
-                                 lr_grid=benchmark.parse_lr_grids("1e-4,1e-3;kfac=x0.5,x2"))
+                                 lr_grid=lr_tuning.parse_lr_grids("1e-4,1e-3;kfac=x0.5,x2"))
     assert [c.lr_grid for c in cells] == [(1e-4, 1e-3), (1e-4, 1e-3), (0.025, 0.1)]
 
 
@@ -189,7 +189,7 @@ def _fake_train_lr(calls):
 
 
 def test_tuned_cells_pick_lr_write_it_and_resume(tmp_path):
-    grid = benchmark.parse_lr_grid("x0.1,x1,x10")
+    grid = lr_tuning.parse_lr_grid("x0.1,x1,x10")
     cells = benchmark.make_cells(["CartPole-v1"], ["adam", "sgd", "open"], seeds=2, timesteps=2048,
                                  lr_grid=grid, tune_seeds=3, tune_timesteps=1024)
     returns = {"adam": [[1, 1, 1], [4, 5, 6], [9, 0, 0]],  # means 1, 5, 3 -> the middle lr 2.5e-4
@@ -222,7 +222,7 @@ def test_tuned_cells_pick_lr_write_it_and_resume(tmp_path):
     assert len(sweeps) == 2 and trains[-1] == ("CartPole-v1", "adam", 2.5e-4)
     assert recs[0]["lr_tuning"]["chosen_lr"] == 2.5e-4
     # a changed grid, tuning budget or untuned rerun is refused
-    for changed in (benchmark.make_cells(["CartPole-v1"], ["adam"], 2, 2048, lr_grid=benchmark.parse_lr_grid(
+    for changed in (benchmark.make_cells(["CartPole-v1"], ["adam"], 2, 2048, lr_grid=lr_tuning.parse_lr_grid(
                         "x0.3,x1,x3"), tune_seeds=3, tune_timesteps=1024),
                     benchmark.make_cells(["CartPole-v1"], ["adam"], 2, 2048, lr_grid=grid, tune_seeds=2,
                                          tune_timesteps=1024),
@@ -230,7 +230,7 @@ def test_tuned_cells_pick_lr_write_it_and_resume(tmp_path):
         with pytest.raises(ValueError, match="was run with settings"):
             run(changed)
     # --report-only rebuilds the same table from the cell files
-    from scripts.benchmark import main
+    from meta.cli.benchmark import main
 
     assert main(["--report-only", "--out", str(tmp_path), "--envs", "CartPole-v1",
                  "--optimizers", "adam,sgd,open"]) == 0
@@ -255,7 +255,7 @@ def test_bad_tuning_input_one_line_error(args, message, tmp_path):
 
 
 def test_real_tiny_tuned_cell_end_to_end(tmp_path, capsys):
-    from scripts.benchmark import main
+    from meta.cli.benchmark import main
 
     args = ["--envs", "CartPole-v1", "--optimizers", "adam", "--tune-lr", "--lr-grid", "1e-6,3e-3",
             "--tune-seeds", "2", "--seeds", "2", "--timesteps", "8192", "--out", str(tmp_path)]

@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from meta import checkpoint
-from meta.es import WORST_FITNESS, ESConfig, ESTrainer
+from meta.distributed import jit_placed
+from meta.es import WORST_FITNESS, ESConfig, make_es, make_evaluator
 from tests.conftest import ROOT
 
 
@@ -33,6 +34,11 @@ class LogLRRule:
 TOY = ESConfig(envs=("CartPole-v1",), population=4, generations=3, sigma=1.0, lr=0.5, seeds=2, timesteps=4096)
 
 
+def start(es):
+    """The run state as the CLI starts it, placed for ``jit_placed(es.step, ...)``."""
+    return jax.device_put(es.init(jax.random.key(es.config.seed)), es.state_sharding)
+
+
 def test_bad_configs_raise_before_compiling():
     with pytest.raises(ValueError, match="odd; antithetic"):
         ESConfig(population=5)
@@ -45,9 +51,9 @@ def test_bad_configs_raise_before_compiling():
 
 
 def test_nan_candidates_get_worst_fitness():
-    tr = ESTrainer(TOY, LogLRRule(), [100.0])
+    es = make_es(TOY, LogLRRule(), reference_returns=[100.0])
     returns = jnp.array([[[10.0, 20.0]], [[jnp.nan, 5.0]], [[jnp.inf, 1.0]], [[50.0, 50.0]]])
-    fitness, per_env, nans = tr.fitness_from_returns(returns)
+    fitness, per_env, nans = es.fitness_from_returns(returns)
     np.testing.assert_allclose(fitness, [0.15, WORST_FITNESS, WORST_FITNESS, 0.5])
     assert int(nans) == 2
 
@@ -59,8 +65,8 @@ def test_member_batches_give_the_same_generation():
 
     outs = []
     for batch in (2, 4):
-        tr = ESTrainer(dataclasses.replace(TOY, member_batch=batch), LogLRRule(), [100.0])
-        _, m = tr.generation_step(tr.init())
+        es = make_es(dataclasses.replace(TOY, member_batch=batch), LogLRRule(), reference_returns=[100.0])
+        _, m = jit_placed(es.step, es.state_sharding)(start(es))
         outs.append(np.asarray(m["fitness"]))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
     assert np.ptp(outs[0]) > 0  # candidates differ, so a mix-up would show
@@ -70,50 +76,51 @@ def test_member_batches_give_the_same_generation():
 
 def test_es_raises_fitness_on_toy_problem():
     cfg = ESConfig(envs=("CartPole-v1",), population=4, sigma=1.0, lr=1.0, seeds=2, timesteps=8192)
-    tr = ESTrainer(cfg, LogLRRule(start=3e-5), [100.0])
-    run = tr.init()
-    evaluate = jax.jit(tr.evaluate)
+    es = make_es(cfg, LogLRRule(start=3e-5), reference_returns=[100.0])
+    step = jit_placed(es.step, es.state_sharding)
+    run = start(es)
+    evaluate = jax.jit(make_evaluator(cfg, LogLRRule(start=3e-5)))
     key = jax.random.key(123)
-    mean0 = tr.mean_meta_params(run)
+    mean0 = es.mean_meta_params(run)
     ret0 = float(evaluate(mean0, key).mean())
     for _ in range(5):
-        run, m = tr.generation_step(run)
-    assert tr.generation_step._cache_size() == 1, "generation step recompiled"
-    mean1 = tr.mean_meta_params(run)
+        run, m = step(run)
+    assert step._cache_size() == 1, "generation step recompiled"
+    mean1 = es.mean_meta_params(run)
     ret1 = float(evaluate(mean1, key).mean())
     assert float(mean1["log_lr"]) > float(mean0["log_lr"]) + 2.0, (mean0, mean1)
     assert ret1 > 1.5 * ret0, (ret0, ret1)  # random play ~22; a useful lr learns within 8k steps
 
 
 def test_resume_is_bit_for_bit(tmp_path):
-    tr = ESTrainer(TOY, LogLRRule(), [100.0])
-    run = tr.init()
+    es = make_es(TOY, LogLRRule(), reference_returns=[100.0])
+    step = jit_placed(es.step, es.state_sharding)
+    run = start(es)
     full = []
     for _ in range(3):
-        run, m = tr.generation_step(run)
+        run, m = step(run)
         full.append(np.asarray(m["fitness"]))
-    run2 = tr.init()
+    run2 = start(es)
     part = []
-    run2, m = tr.generation_step(run2)
+    run2, m = step(run2)
     part.append(np.asarray(m["fitness"]))
     cfg_doc = {"toy": 1}
     checkpoint.save(str(tmp_path), 1, run2, {"config": cfg_doc, "logs": []})
-    # Restored into a fresh template; the same trainer, so its compiled step is
-    # reused (a fresh process: tests/test_meta_train_script.py, marked slow).
-    tr_b = tr
-    step, run3, doc = checkpoint.restore(str(tmp_path), tr_b.init(), cfg_doc)
-    run3 = tr_b.place(run3)
-    assert step == 1
+    # Restored into a fresh template; the same jitted step, so its compiled
+    # program is reused (a fresh process: tests/test_meta_train_script.py, marked slow).
+    done, run3, doc = checkpoint.restore(str(tmp_path), start(es), cfg_doc)
+    run3 = jax.device_put(run3, es.state_sharding)
+    assert done == 1
     for _ in range(2):
-        run3, m = tr_b.generation_step(run3)
+        run3, m = step(run3)
         part.append(np.asarray(m["fitness"]))
     for a, b in zip(jax.tree.leaves(run), jax.tree.leaves(run3)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(np.stack(full), np.stack(part))
     with pytest.raises(checkpoint.CheckpointError, match="different config"):
-        checkpoint.restore(str(tmp_path), tr_b.init(), {"toy": 2})
+        checkpoint.restore(str(tmp_path), start(es), {"toy": 2})
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
-        checkpoint.restore(str(tmp_path / "nothing"), tr_b.init(), cfg_doc)
+        checkpoint.restore(str(tmp_path / "nothing"), start(es), cfg_doc)
 
 
 def test_sharded_over_four_cpu_devices_equals_unsharded():
@@ -126,16 +133,19 @@ def test_sharded_over_four_cpu_devices_equals_unsharded():
         """
         import jax, numpy as np
         from jax.sharding import Mesh
-        from tests.test_es import LogLRRule, TOY
-        from meta.es import ESTrainer
+        from tests.test_es import LogLRRule, TOY, start
+        from meta.distributed import jit_placed
+        from meta.es import make_es
         assert jax.device_count() == 4, jax.devices()
         outs = []
         for devices in (jax.devices(), jax.devices()[:1]):
-            tr = ESTrainer(TOY, LogLRRule(), [100.0], mesh=Mesh(np.array(devices), ("pop",)))
-            run = tr.init()
+            es = make_es(TOY, LogLRRule(), reference_returns=[100.0], mesh=Mesh(np.array(devices), ("pop",)))
+            step = jit_placed(es.step, es.state_sharding)
+            run = start(es)
             for _ in range(2):
-                run, m = tr.generation_step(run)
-            outs.append((np.asarray(tr.mean_meta_params(run)["log_lr"]), np.asarray(m["fitness"])))
+                run, m = step(run)
+            assert len(m["fitness"].sharding.device_set) == len(devices)
+            outs.append((np.asarray(es.mean_meta_params(run)["log_lr"]), np.asarray(m["fitness"])))
         np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-6)
         np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5)
         print("SHARDED_OK", outs[0][1])

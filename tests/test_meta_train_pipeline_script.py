@@ -11,12 +11,9 @@ import jax
 import numpy as np
 import pytest
 
+from meta.cli import meta_train, meta_train_pipeline
+from meta.meta_train import build, plan_document
 from tests.conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import meta_train  # noqa: E402
-import meta_train_pipeline  # noqa: E402
 
 SCRIPTS = os.path.join(ROOT, "scripts")
 TINY_MG = ["--method", "metagrad", "--pipeline-units", "2", "--reset-interval", "3", "--num-envs", "4",
@@ -54,12 +51,12 @@ def test_bad_arguments_give_one_error_line(args, message, tmp_path, capsys):
 def test_scale_rewards_reaches_the_meta_training_envs_only():
     args = meta_train.parse_args(["--method", "metagrad", "--envs", "Catch-bsuite,gridworld/small_dense_short",
                                   "--scale-rewards"])
-    plan = meta_train.build(args)
+    plan = build(*meta_train.options(args))
     assert plan.env_overrides == {"gridworld/small_dense_short": {"scale_rewards": True}}
-    assert meta_train.plan_document(plan, args)["env_overrides"] == plan.env_overrides
+    assert plan_document(plan)["env_overrides"] == plan.env_overrides
     # without the flag the document is as before, so earlier checkpoints still resume
     plain = meta_train.parse_args(["--method", "metagrad", "--envs", "gridworld/small_dense_short"])
-    assert "env_overrides" not in meta_train.plan_document(meta_train.build(plain), plain)
+    assert "env_overrides" not in plan_document(build(*meta_train.options(plain)))
     import envs
     env, _ = envs.make("gridworld/small_dense_short", **plan.env_overrides["gridworld/small_dense_short"])
     assert env.unwrapped.scale_rewards and env.unwrapped.reward_scale == 100.0
@@ -139,7 +136,7 @@ def test_end_to_end_and_resume_equals_uninterrupted(script, tiny, plot, tmp_path
 
 
 def test_eval_a2c_bad_input_and_a_tiny_table(tmp_path, capsys):
-    import eval_a2c
+    from meta.cli import eval_a2c
 
     assert eval_a2c.main(["--optimizers", "adam,nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

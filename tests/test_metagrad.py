@@ -5,13 +5,13 @@ import pytest
 
 import envs
 from agents.a2c import A2CConfig, A2CHParams
-from learned_optim.base import rule_class
+from learned_optim.registry import make_rule
 from meta.metagrad import MetaGradConfig, make_metagrad, unrolled_loss
 from meta.pipeline import PipelineConfig
 
 
 def test_metagrad_matches_finite_difference_on_quadratic():
-    rule = rule_class("optim4rl")()
+    rule = make_rule("optim4rl")
     meta = rule.init_meta_params(jax.random.key(0))
     a = jnp.array([1.0, 3.0, 0.5])
     target = jnp.array([0.3, -0.2, 0.1])
@@ -45,7 +45,7 @@ def test_metagrad_matches_finite_difference_on_quadratic():
 def _trainer():
     env_pairs = [envs.make("Catch-bsuite")]
     cfg = MetaGradConfig(num_inner=2, meta_lr=3e-3, pipeline=PipelineConfig(num_units=2, reset_interval=8))
-    return make_metagrad(cfg, rule_class("optim4rl")(), env_pairs,
+    return make_metagrad(cfg, make_rule("optim4rl"), env_pairs,
                          A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,)), A2CHParams.default(lr=3e-3, gamma=0.99))
 
 
@@ -70,7 +70,7 @@ def test_short_optim4rl_metagrad_run_improves_catch():
     from agents.a2c import make_a2c
     from agents.ppo import final_return
 
-    rule = rule_class("optim4rl")()
+    rule = make_rule("optim4rl")
     hp = A2CHParams.default(lr=3e-3, gamma=0.99)
     acfg = A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,))
     cfg = MetaGradConfig(num_inner=4, meta_lr=3e-3, pipeline=PipelineConfig(num_units=4, reset_interval=40))

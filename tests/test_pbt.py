@@ -1,4 +1,4 @@
-"""PBT, GPBT-PL, PB2 and mixed-optimizer populations (meta/pbt.py)."""
+"""PBT, GPBT-PL, PB2 and mixed-optimizer populations (meta/pbt/)."""
 
 import os
 import subprocess
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import struct
 
+from learned_optim import registry
 from meta import pbt
 from tests.conftest import ROOT
 
@@ -431,13 +432,12 @@ def test_checkpoint_roundtrip_of_keys(tmp_path):
     prog = toy_pbt("pbt")
     step = jax.jit(prog.step)
     state, _ = step(prog.init(jax.random.key(0)))
-    checkpoint.save(str(tmp_path), 1, pbt.to_saveable(state), {"config": {"a": 1}})
-    _, raw, _ = checkpoint.restore(str(tmp_path), pbt.to_saveable(state), {"a": 1})
-    back = pbt.from_saveable(raw, state)
+    checkpoint.save(str(tmp_path), 1, state, {"config": {"a": 1}})
+    _, back, _ = checkpoint.restore(str(tmp_path), state, {"a": 1})
     assert structure(back) == structure(state)
     a, _ = step(back)
     b, _ = step(state)
-    assert leaves_equal(pbt.to_saveable(a), pbt.to_saveable(b))
+    assert leaves_equal(checkpoint.keys_to_data(a), checkpoint.keys_to_data(b))
 
 
 # ---------------------------------------------------------------------------
@@ -548,7 +548,7 @@ def test_script_td3_mixed_adam_kfac_pendulum(tmp_path):
     assert kinds == ["adam", "adam", "kfac", "kfac"] and res["diverged_members"] == 0
     assert any(kinds[s] != kinds[m["member"]] for m in res["members"] for s in m["lineage"])
     lr = {k: [v for m in res["members"] if m["optimizer"] == k for v in m["hparams"]["lr"]] for k in ("adam", "kfac")}
-    assert max(lr["adam"]) <= 1e-2 * 1.0001 and min(lr["kfac"]) >= pbt.LR_BOUNDS["kfac"][0] * 0.9999
+    assert max(lr["adam"]) <= 1e-2 * 1.0001 and min(lr["kfac"]) >= registry.info("kfac").lr_bounds[0] * 0.9999
     # Pendulum returns are negative; every member finished episodes (12 rounds of 200-step episodes).
     assert -2000 < res["final_return_mean"] < 0 and np.isfinite(res["final_return"]).all()
     assert 0 <= res["selection_share"] < 0.5
@@ -571,19 +571,17 @@ def test_mixed_adam_kfac_ppo_population(tmp_path):
 
 
 SHARD_CHECK = r"""
-import sys
-sys.path.insert(0, ROOT)
 import envs  # noqa
 import jax, numpy as np
-from meta import pbt
+from meta import distributed, pbt
 from tests.test_pbt import toy_pbt, TOY_SPACE
 assert jax.device_count() == 4, jax.device_count()
 groups = (pbt.Group("a", 4), pbt.Group("b", 4))
 prog = toy_pbt("pb2", groups=groups, spaces=[TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0)])
 s0 = jax.jit(prog.init)(jax.random.key(0))
-sh = pbt.population_shardings(s0, pbt.population_mesh(groups))
+sh = pbt.population_shardings(s0, distributed.population_mesh_or_none([g.size for g in groups]))
 a = jax.device_put(s0, sh)
-compiled = pbt.jit_step(prog, sh).lower(a).compile()  # one executable for every round, as run_pbt
+compiled = distributed.jit_placed(prog.step, sh).lower(a).compile()  # one executable for every round, as run_pbt
 step = jax.jit(prog.step)
 b = s0
 for _ in range(4):

@@ -8,10 +8,11 @@ import pytest
 
 from agents.a2c import A2CConfig, A2CHParams
 from meta import checkpoint
-from meta.es import ESConfig
+from meta.distributed import jit_placed
+from meta.es import ESConfig, make_es
 from meta.pipeline import PipelineConfig
-from meta.pipeline_es import PipelineESConfig, PipelineESTrainer
-from tests.test_es import LogLRRule
+from meta.pipeline_es import PipelineESConfig, unit_evaluation
+from tests.test_es import LogLRRule, start
 
 A2C = A2CConfig(num_envs=4, num_steps=10, hidden_sizes=(16,), total_timesteps=4 * 10 * 4 * 4)
 HP = A2CHParams.default(gamma=0.99)
@@ -19,9 +20,12 @@ HP = A2CHParams.default(gamma=0.99)
 
 def _trainer(envs=("Catch-bsuite",), population=4, units=2, reset_interval=3, window=2, start=3e-3, sigma=1.0,
              lr=0.5, a2c=A2C):
+    """(ES over pipeline units, its jitted generation step)."""
     cfg = ESConfig(envs=envs, population=population, sigma=sigma, lr=lr)
     pc = PipelineESConfig(PipelineConfig(num_units=units, reset_interval=reset_interval), window=window)
-    return PipelineESTrainer(cfg, LogLRRule(start=start), pc, a2c, HP)
+    rule = LogLRRule(start=start)
+    es = make_es(cfg, rule, unit_evaluation(cfg, rule, pc, a2c, HP))
+    return es, jit_placed(es.step, es.state_sharding)
 
 
 @pytest.fixture(scope="module")
@@ -44,39 +48,40 @@ def test_candidates_see_the_same_units_and_the_mean_advances_them(trainer):
     """Equal candidates get bit-equal returns (same unit states and keys: common
     random numbers), different ones differ; the carried units are what the ES
     mean's own window produced."""
-    tr = trainer
-    run = tr.init()
-    mean = tr.mean_meta_params(run)
+    es, _ = trainer
+    run = start(es)
+    mean = es.mean_meta_params(run)
     pop = {"log_lr": jnp.array([np.log(3e-3), np.log(3e-3), 0.0, np.log(3e-3)], jnp.float32)}
-    returns, new_run, extra = jax.jit(tr._evaluate_generation)(run, pop, jax.random.key(0))
+    evaluate = jax.jit(lambda *args: es.evaluation.evaluate(*args, es.map_population))
+    returns, new_pipes, extra = evaluate(run.pipes, pop, jax.random.key(0), mean)
     returns = np.asarray(returns)  # [P, E, N]
     assert returns.shape == (4, 1, 2)
     np.testing.assert_array_equal(returns[0], returns[1])
     np.testing.assert_array_equal(returns[0], returns[3])
     assert not np.array_equal(returns[0], returns[2])
     units = tuple(p.units for p in run.pipes)  # step 0: no unit is reset
-    mean_returns, advanced = jax.jit(tr.run_window)(mean, units)
+    mean_returns, advanced = jax.jit(es.evaluation.run_window)(mean, units)
     np.testing.assert_array_equal(np.asarray(extra["es_mean_return"]), np.asarray(mean_returns).mean(-1))
-    for a, b in zip(_plain(new_run.pipes[0].units), _plain(advanced[0])):
+    for a, b in zip(_plain(new_pipes[0].units), _plain(advanced[0])):
         np.testing.assert_array_equal(a, b)
-    assert int(new_run.pipes[0].step) == 1
+    assert int(new_pipes[0].step) == 1
 
 
 def test_units_reset_on_their_schedule_across_generations(trainer):
     """2 units, reset interval 3: offsets 0 and 1 (the generic schedule, also
     the no-pipeline variant, is tested in test_pipeline.py)."""
-    tr = trainer
-    run = tr.init()
+    es, step = trainer
+    run = start(es)
     ages = []
     for _ in range(7):
-        run, m = tr.generation_step(run)
+        run, m = step(run)
         ages.append(np.asarray(m["unit_ages"])[0])
         # a reset really re-initialised the unit: its update counter restarted (window = 2 updates)
         np.testing.assert_array_equal(np.asarray(run.pipes[0].units.update_step), 2 * ages[-1])
     # ages after the step (a unit reset at generation g shows age 1):
     # unit 1 resets at steps 1, 4; unit 0 at 3, 6
     np.testing.assert_array_equal(ages, [[1, 1], [2, 1], [3, 2], [1, 3], [2, 1], [3, 2], [1, 3]])
-    assert tr.generation_step._cache_size() == 1
+    assert step._cache_size() == 1
 
 
 def test_resume_is_bit_for_bit(trainer, tmp_path):
@@ -84,21 +89,21 @@ def test_resume_is_bit_for_bit(trainer, tmp_path):
     fresh run state, 2 more (the units' params, optimizer and env states, keys
     and ages come back too; unit resets fall in both halves). A fresh process
     is covered by tests/test_meta_train_pipeline_script.py."""
-    tr = trainer
+    es, step = trainer
 
     def generations(run, n, fitness):
         for _ in range(n):
-            run, m = tr.generation_step(run)
+            run, m = step(run)
             fitness.append(np.asarray(m["fitness"]))
         return run
 
     full, part = [], []
-    run = generations(tr.init(), 4, full)
-    run2 = generations(tr.init(), 2, part)
+    run = generations(start(es), 4, full)
+    run2 = generations(start(es), 2, part)
     checkpoint.save(str(tmp_path), 2, run2, {"config": {"c": 1}, "logs": []})
-    step, run3, _ = checkpoint.restore(str(tmp_path), tr.init(), {"c": 1})
-    run3 = tr.place(run3)
-    assert step == 2 and int(run3.pipes[0].step) == 2
+    done, run3, _ = checkpoint.restore(str(tmp_path), start(es), {"c": 1})
+    run3 = jax.device_put(run3, es.state_sharding)
+    assert done == 2 and int(run3.pipes[0].step) == 2
     run3 = generations(run3, 2, part)
     for a, b in zip(_plain(run), _plain(run3)):
         np.testing.assert_array_equal(a, b)
@@ -114,14 +119,14 @@ def test_es_on_units_raises_the_learning_rate():
     -9.2 to -3.7 in 12 generations; a sign error or candidates that all ran
     the same optimizer leave it where it was or push it down)."""
     a2c = A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(16,), total_timesteps=8 * 10 * 8 * 8)
-    tr = _trainer(envs=("CartPole-v1",), population=8, units=4, reset_interval=8, window=8, start=1e-4,
-                  sigma=1.0, lr=1.0, a2c=a2c)
-    run = tr.init()
-    lr0 = float(tr.mean_meta_params(run)["log_lr"])
+    es, step = _trainer(envs=("CartPole-v1",), population=8, units=4, reset_interval=8, window=8, start=1e-4,
+                        sigma=1.0, lr=1.0, a2c=a2c)
+    run = start(es)
+    lr0 = float(es.mean_meta_params(run)["log_lr"])
     mean_returns = []
     for _ in range(12):
-        run, m = tr.generation_step(run)
+        run, m = step(run)
         mean_returns.append(float(np.asarray(m["es_mean_return"]).mean()))
-    lr1 = float(tr.mean_meta_params(run)["log_lr"])
+    lr1 = float(es.mean_meta_params(run)["log_lr"])
     assert lr1 > lr0 + 3.0, (lr0, lr1)
     assert max(mean_returns[-3:]) > mean_returns[0] + 1.0, mean_returns

@@ -1,17 +1,11 @@
-"""scripts/speed.py: bad input gives one error line; a tiny side-by-side run
+"""metarl-speed (meta.cli.speed): bad input gives one error line; a tiny side-by-side run
 writes one row per optimizer (and per curvature row count for diag_ggn/kfac)."""
 
 import json
-import os
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import speed  # noqa: E402
+from meta.cli import speed
 
 
 @pytest.mark.parametrize("args, message", [

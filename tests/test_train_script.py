@@ -69,8 +69,7 @@ def test_learning_rate_precedence():
 
 
 def test_plot_runs_overlays_train_outputs_and_rejects_bad_input(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import plot_runs
+    from meta.cli import plot_runs
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,0 +1,114 @@
+"""Population-based training of RL agents: PBT, GPBT-PL, PB2, or a fixed baseline.
+
+    python scripts/pbt.py                                   # PBT, PPO on CartPole, 8 Adam members
+    python scripts/pbt.py --algo gpbt --population 8 --timesteps 2e5 --out runs/gpbt
+    python scripts/pbt.py --algo pbt --optimizers adam:6,kfac:2 --population 8
+    python scripts/pbt.py --algo fixed ...                  # same population, fixed random hparams
+    python scripts/pbt.py --agent td3 --env Pendulum-v1 --optimizers adam:6,kfac:2 \
+        --timesteps 2e4 --interval 200 --window 1             # TD3; a round = one 200-step episode per env
+
+One jitted step = --interval agent updates of every member (vmapped) +
+selection. --timesteps are env steps per member. Writes to --out:
+results.json (best and mean final return, per-member histories of return,
+hyperparameters and lineage), ALGO_returns.png, ALGO_hparams.png and
+checkpoints/ (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+import envs  # sets safe XLA flags before JAX starts
+from meta import pbt
+from meta.checkpoint import latest_step
+from meta.report import plot_history, write_json
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", default="pbt", help="pbt, gpbt (GPBT-PL), pb2, fixed (no selection)")
+    p.add_argument("--exploit", default="truncation", help="pbt/pb2 exploit: truncation, ttest, tournament")
+    p.add_argument("--explore", default="perturb", help="pbt explore: perturb, resample")
+    p.add_argument("--agent", default="ppo", help="ppo or td3")
+    p.add_argument("--env", default="CartPole-v1")
+    p.add_argument("--population", type=int, default=8)
+    p.add_argument("--optimizers", default=None,
+                   help="groups SPEC:N, e.g. adam:6,kfac:2 (default: adam:POPULATION)")
+    p.add_argument("--interval", type=int, default=10, help="agent updates between selections")
+    p.add_argument("--timesteps", type=float, default=2e5, help="env steps per member")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune", default=None, help="comma-separated hyperparameters to tune (default: all known)")
+    p.add_argument("--truncation-fraction", type=float, default=0.25)
+    p.add_argument("--resample-prob", type=float, default=0.25)
+    p.add_argument("--window", type=int, default=None, help="recent returns per member (default: --interval)")
+    p.add_argument("--num-envs", type=int, default=None, help="envs per member (PPO, TD3)")
+    p.add_argument("--num-steps", type=int, default=None, help="PPO rollout length")
+    p.add_argument("--out", default=None, help="output directory (default runs/pbt-ALGO-ENV)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=5, help="rounds between checkpoints")
+    p.add_argument("--no-time-selection", action="store_true", help="skip timing selection apart from training")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or os.path.join("runs", f"pbt-{args.algo}-{args.env.replace('/', '_')}")
+    try:
+        envs.expand_suites([args.env])
+        if args.population < 1:
+            raise ValueError(f"--population must be >= 1, got {args.population}")
+        groups = pbt.parse_groups(args.optimizers or f"adam:{args.population}", args.population)
+        overrides = {k: v for k, v in dict(num_envs=args.num_envs, num_steps=args.num_steps).items()
+                     if v is not None}
+        pbt_overrides = dict(truncation_fraction=args.truncation_fraction, resample_prob=args.resample_prob,
+                             window=args.window or args.interval)
+        tune = [t.strip() for t in args.tune.split(",")] if args.tune else None
+        kwargs = dict(
+            agent_kind=args.agent, env=args.env, groups=groups, algo=args.algo, population=args.population,
+            interval=args.interval, timesteps=args.timesteps, seed=args.seed, exploit=args.exploit,
+            explore=args.explore, out=out, resume=args.resume, checkpoint_every=args.checkpoint_every,
+            tune=tune, time_selection=not args.no_time_selection, pbt_overrides=pbt_overrides,
+            agent_overrides=overrides,
+        )
+        # Validate everything (configs, groups, env, optimizers, agent) before compiling.
+        pbt.PBTConfig(algo=args.algo, exploit=args.exploit, explore=args.explore, interval=args.interval,
+                      **pbt_overrides)
+        if args.resume:
+            if latest_step(os.path.join(out, "checkpoints")) is None:
+                raise ValueError(f"--resume: no checkpoint found in {os.path.join(out, 'checkpoints')!r}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    os.makedirs(out, exist_ok=True)
+    bar = tqdm(total=1, desc=f"{args.algo} rounds", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    say = (lambda s: tqdm.write(s)) if sys.stderr.isatty() else (lambda s: print(s, flush=True))
+    try:
+        result = pbt.run_pbt(log=say, progress=progress, **kwargs)
+    except ValueError as e:  # raised by validation inside run_pbt before anything compiles
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    write_json(os.path.join(out, "results.json"), result)
+    plot_history(os.path.join(out, f"{args.algo}_"), result)
+    fr = np.asarray(result.get("final_return", []), np.float64)
+    print(
+        f"final return (recent window): best {result.get('final_return_best', float('nan')):.2f}, mean "
+        f"{result.get('final_return_mean', float('nan')):.2f}, per member {np.round(fr, 1).tolist()}; "
+        f"diverged {result.get('diverged_members', 0)}; run {result['run_seconds']:.1f}s, compile "
+        f"{result['compile_seconds']:.1f}s; output in {out}",
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,83 @@
+"""Adam beside the learned optimizer: the reference returns ES fitness
+divides by, and the final comparison on the training envs (``summary.md``,
+``comparison.png``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from meta.meta_train.plan import Plan
+from meta.report import comparison_table, plot_curves
+
+
+def measure_references(config, log):
+    """Adam's final return per env of ``config`` (a ``meta.es.ESConfig``):
+    ``config.seeds`` PPO agents of ``config.timesteps`` steps each."""
+    from agents.presets import resolve_config
+    from meta.experiment import train_seeds
+
+    refs = []
+    for name in config.envs:
+        cfg, hp = resolve_config(name, total_timesteps=config.timesteps)
+        res = train_seeds(name, "adam", cfg, hp, config.seeds, seed=config.seed + 10_000, log=None)
+        refs.append(res["final_return_mean"])
+        log(f"reference return of Adam on {name}: {refs[-1]:.2f} ({config.seeds} seeds, {config.timesteps:,d} steps)")
+    return refs
+
+
+def compare_with_adam(out, config, seeds, say):
+    """Learned optimizer (ES mean, ``out/optimizer``) vs Adam on the training
+    envs, fresh PPO agents with the settings of meta-training, same seeds."""
+    from agents.presets import resolve_config
+    from meta.experiment import train_seeds
+
+    results, curves = [], {}
+    spec_lopt = "lopt:" + os.path.join(out, "optimizer")
+    for name in config.envs:
+        cfg, hp = resolve_config(name, total_timesteps=config.timesteps)
+        for spec, label in (("adam", "adam"), (spec_lopt, "learned (ES mean)")):
+            res = train_seeds(name, spec, cfg, hp, seeds, seed=config.seed + 20_000, log=None)
+            _collect(results, curves, name, label, res, say)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# Learned optimizer vs Adam\n\n{seeds} seeds, {config.timesteps:,d} env steps per agent, "
+                f"the settings used in meta-training.\n\n" + "\n".join(comparison_table(results)) + "\n")
+    plot_curves(os.path.join(out, "comparison.png"), curves, title="learned optimizer vs Adam")
+
+
+def compare_a2c_with_adam(out, plan: Plan, say):
+    """Fresh A2C agents with the learned optimizer and with Adam (the same
+    agent learning rate, not tuned for Adam), same seeds, on the training envs."""
+    from meta.units import train_a2c_seeds
+
+    options, seeds = plan.options, plan.run.final_seeds
+    a2c = plan.a2c
+    if options.eval_timesteps is not None:
+        a2c = dataclasses.replace(a2c, total_timesteps=int(options.eval_timesteps))
+    steps = a2c.num_updates * a2c.batch_size
+    results, curves = [], {}
+    learned = "learned" if plan.mode == "metagrad" else "learned (ES mean)"
+    for name in plan.envs:
+        for spec, label in (("adam", "adam"), ("lopt:" + os.path.join(out, "optimizer"), learned)):
+            res = train_a2c_seeds(name, spec, a2c, plan.hparams, seeds, seed=plan.run.seed + 20_000)
+            _collect(results, curves, name, label, res, say)
+    pc = plan.pipeline
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# Learned optimizer vs Adam (A2C)\n\n{options.LABEL}, rule {options.rule}, "
+                f"{pc.num_units} units, reset interval {pc.reset_interval}, pipeline "
+                f"{'on (staggered)' if pc.staggered else 'off (all units reset together)'}, "
+                f"{options.generations} outer steps.\n\nA2C ({a2c.num_envs} envs x {a2c.num_steps} steps, hidden "
+                f"{a2c.hidden_sizes}), {seeds} seeds, {steps:,d} env steps per agent, agent lr "
+                f"{float(plan.hparams.lr):g} for both"
+                + (", meta-trained with scaled rewards, compared on the raw rewards" if plan.env_overrides else "")
+                + ".\n\n" + "\n".join(comparison_table(results)) + "\n")
+    plot_curves(os.path.join(out, "comparison.png"), curves, title="learned optimizer vs Adam (A2C)")
+
+
+def _collect(results, curves, name, label, res, say):
+    fr = np.asarray(res["final_return"])
+    results.append((name, label, fr))
+    curves[f"{name}: {label}"] = (res["steps"], res["curves"])
+    say(f"final comparison on {name}: {label} {fr.mean():.2f}")

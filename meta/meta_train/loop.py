@@ -1,0 +1,99 @@
+"""The host loop of a meta-training run: references, resume, outer steps with
+progress lines, logs, checkpoints, the optimizer handed out, plots, and the
+final comparison against Adam. Everything inside an outer step is one jitted
+program (``meta.meta_train.drivers``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+from tqdm import tqdm
+
+import learned_optim
+from meta import checkpoint
+from meta.meta_train import compare
+from meta.meta_train.drivers import Driver, es_driver, metagrad_driver
+from meta.meta_train.plan import Plan, plan_document
+from meta.report import write_log_rows
+
+
+def say(line: str) -> None:
+    """A progress line: above the progress bar on a terminal, else printed."""
+    if sys.stderr.isatty():
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
+def reference_returns(plan: Plan):
+    """The return per env that ES fitness divides by: as stored in the run
+    directory when resuming; else ``--reference-returns``, Adam's measured
+    return (whole lifetimes) or 1 (pipeline units); written to
+    ``references.json``."""
+    path = os.path.join(plan.run.out, "references.json")
+    if plan.run.resume:
+        with open(path) as f:
+            return json.load(f)["reference_returns"]
+    if plan.es.reference_returns:
+        refs = list(plan.es.reference_returns)
+    elif plan.mode == "es":
+        refs = compare.measure_references(plan.es, say)
+    else:
+        refs = [1.0] * len(plan.es.envs)
+    with open(path, "w") as f:
+        json.dump({"envs": list(plan.es.envs), "reference_returns": refs}, f, indent=2)
+    return refs
+
+
+def make_driver(plan: Plan) -> Driver:
+    return metagrad_driver(plan) if plan.mode == "metagrad" else es_driver(plan, reference_returns(plan))
+
+
+def run(plan: Plan) -> None:
+    """Runs ``plan`` to its last outer step, then the final comparison.
+    Raises ``checkpoint.CheckpointError`` when ``--resume`` cannot restore."""
+    out, generations = plan.run.out, plan.options.generations
+    os.makedirs(out, exist_ok=True)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    document = plan_document(plan)
+    driver = make_driver(plan)
+
+    state = driver.init()
+    rows, start = [], 0
+    if plan.run.resume:
+        start, state, stored = checkpoint.restore(ckpt_dir, state, document)
+        state = driver.place(state)
+        rows = stored["logs"][:start]
+        say(f"resumed from generation {start} in {ckpt_dir}")
+
+    say(driver.describe)
+    bar = tqdm(total=generations, initial=start, desc="outer steps", file=sys.stderr,
+               disable=not sys.stderr.isatty())
+    for gen in range(start, generations):
+        t0 = time.perf_counter()
+        state, m = driver.step(state)
+        rows.append(driver.row(gen, m, time.perf_counter() - t0))
+        bar.update(1)
+        last = gen + 1 == generations
+        show, save = (gen + 1) % driver.log_every == 0 or last, (gen + 1) % plan.options.checkpoint_every == 0 or last
+        if show:
+            say(driver.line(rows[-1]))
+        if show or save:
+            write_log_rows(out, rows, driver.fields)
+        if save:
+            checkpoint.save(ckpt_dir, gen + 1, state, {"config": document, "logs": rows})
+            learned_optim.save(os.path.join(out, "optimizer"), plan.rule,
+                               jax.device_get(driver.meta_params(state)), overwrite=True)
+            driver.plot(out, rows)
+    bar.close()
+    if start >= generations:
+        say(f"nothing to do: the checkpoint is already at generation {start}")
+    if plan.run.final_seeds > 0:
+        if plan.mode == "es":
+            compare.compare_with_adam(out, plan.es, plan.run.final_seeds, say)
+        else:
+            compare.compare_a2c_with_adam(out, plan, say)
