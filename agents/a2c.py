@@ -9,8 +9,10 @@ Static settings live in the frozen ``A2CConfig``; the numbers a population may
 vary are arrays in ``A2CHParams``. The optimizer is injected and called with
 the extra arguments of ``learned_optim.context`` (``train_fraction``,
 ``batch_fraction``, ``key`` and, when it asks, ``layer_stats`` of the whole
-rollout); ``hparams.lr`` is written into its injected ``learning_rate`` when
-it has one. The skeleton shared with PPO and TD3 is ``agents.core``.
+rollout). The learning rate is the optimizer's injected ``learning_rate`` in
+``state.opt_state`` (``init``/``train`` take it as an optional third
+argument; ``agents.core.learning_rate`` reads it). The skeleton shared with
+PPO and TD3 is ``agents.core``.
 
 For meta-gradients the update is also exposed as pure pieces that take the
 optimizer as an argument (``update_with``), so a learned optimizer built from
@@ -50,7 +52,7 @@ class A2CConfig(core.OnPolicyConfig):
 
 # Optim4RL's gridworld A2C: discount 0.995, GAE 0.95, entropy 0.01, critic 0.5.
 A2CHParams = core.hparams_type(
-    "A2CHParams", "A2C", dict(lr=1e-3, ent_coef=0.01, gamma=0.995, gae_lambda=0.95, vf_coef=0.5),
+    "A2CHParams", "A2C", dict(ent_coef=0.01, gamma=0.995, gae_lambda=0.95, vf_coef=0.5),
     __name__, "Per-member A2C hyperparameters (float32 scalars, or ``[P]`` for a population).")
 
 A2CState = core.ActorCriticState
@@ -82,13 +84,14 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
     def reset_env(key):
         return vec_env.reset(key, env_params)
 
-    def init(key, hparams) -> A2CState:
+    def init(key, hparams, learning_rate=None) -> A2CState:
         k_params, k_env, k_state = jax.random.split(key, 3)
         params = ac.init_params(k_params)
         obs, env_state = reset_env(k_env)
-        return A2CState(params=params, opt_state=full_tx.init(params), env_state=env_state, obs=obs,
-                        key=k_state, hparams=core.as_float32(hparams),
-                        update_step=jnp.zeros((), jnp.int32), last_return=jnp.zeros((), jnp.float32))
+        state = A2CState(params=params, opt_state=full_tx.init(params), env_state=env_state, obs=obs,
+                         key=k_state, hparams=core.as_float32(hparams),
+                         update_step=jnp.zeros((), jnp.int32), last_return=jnp.zeros((), jnp.float32))
+        return core.with_learning_rate(state, learning_rate)
 
     def rollout(state: A2CState):
         """``num_steps`` steps of every env with ``state.params``. Returns the new
@@ -151,7 +154,7 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
             extra["key"], k_stats = jax.random.split(key)
             extra["layer_stats"] = ac.layer_stats(params, flat_obs(traj), k_stats, stats_needed,
                                                   config.curvature_batch_size)
-        params, opt_state = core.optimizer_step(tx_applied, params, opt_state, grads, hp.lr, **extra)
+        params, opt_state = core.optimizer_step(tx_applied, params, opt_state, grads, **extra)
         return params, opt_state, aux
 
     def update(state: A2CState):

@@ -4,18 +4,24 @@ injected-optimizer plumbing, hyperparameter types and the training scans.
 The protocol. ``make_<agent>(config, env, env_params, tx)`` returns an
 ``Agent`` (or a subclass with extra pure functions) of pure functions::
 
-    state = agent.init(key, hparams)            # hparams: the agent's *HParams of float32 arrays
-    state, metrics = agent.update(state)        # one iteration
-    state, metrics = agent.run(state, n)        # n iterations in one lax.scan; metrics [n]
-    state, metrics = agent.train(key, hparams)  # config.num_updates iterations from scratch
+    state = agent.init(key, hparams, learning_rate=None)   # hparams: the agent's *HParams of float32 arrays
+    state, metrics = agent.update(state)                   # one iteration
+    state, metrics = agent.run(state, n)                   # n iterations in one lax.scan; metrics [n]
+    state, metrics = agent.train(key, hparams, learning_rate=None)  # config.num_updates iterations from scratch
 
-so a population is ``jax.jit(jax.vmap(agent.train))(keys, hparams)``. Params
-are ``{"actor": ..., "critic": ...}``; every optimizer call passes the extra
-arguments of ``learned_optim.context`` and, when the optimizer asks
+so a population is ``jax.jit(jax.vmap(agent.train))(keys, hparams, lrs)``.
+Params are ``{"actor": ..., "critic": ...}``; every optimizer call passes the
+extra arguments of ``learned_optim.context`` and, when the optimizer asks
 (``stats_needed``), per-layer ``layer_stats`` from
-``learned_optim.layer_stats.dense_layer_stats``. ``hparams.lr`` is written
-into the optimizer's injected ``learning_rate`` before every step (``uses_lr``
-says whether it has one).
+``learned_optim.layer_stats.dense_layer_stats``.
+
+The learning rate has one owner: the optimizer's injected ``learning_rate``
+in ``state.opt_state`` (``optax.inject_hyperparams``). ``learning_rate``
+reads it and ``with_learning_rate`` writes it (PBT does both between rounds);
+``init``/``train`` write their ``learning_rate`` argument (a float, or one
+per member under ``vmap``) into the fresh state, None keeping the
+optimizer's own. Optimizers without one (OPEN) have none to read or write
+(``uses_lr`` False).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +47,13 @@ class Agent:
     """Pure functions of one agent; vmap them for a population."""
 
     config: Any
-    init: Callable[[jax.Array, Any], Any]  # (key, hparams) -> state
+    init: Callable[..., Any]  # (key, hparams, learning_rate=None) -> state
     update: Callable[[Any], Tuple[Any, Dict[str, jax.Array]]]  # state -> (state, metrics)
     run: Callable[[Any, int], Tuple[Any, Dict[str, jax.Array]]]  # (state, n static) -> metrics [n]
-    train: Callable[[jax.Array, Any], Tuple[Any, Dict[str, jax.Array]]]  # (key, hparams) -> (state, metrics)
+    train: Callable[..., Tuple[Any, Dict[str, jax.Array]]]  # (key, hparams, learning_rate=None) -> (state, metrics)
     tx: optax.GradientTransformationExtraArgs  # the transform applied (clipping in front when configured)
     stats_needed: frozenset  # the LayerStats kinds the optimizer asks for
-    uses_lr: bool  # False: the optimizer has no injected learning rate, hparams.lr is unused
+    uses_lr: bool  # False: the optimizer has no injected learning rate (``learning_rate(state)`` is None)
 
 
 @struct.dataclass
@@ -233,11 +239,26 @@ def optimizer_needs(tx: optax.GradientTransformation, *param_shapes) -> Tuple[fr
     return stats, uses_lr
 
 
-def optimizer_step(tx, params, opt_state, grads, lr, **extra_args):
-    """One step of ``tx`` at learning rate ``lr``: ``(params, opt_state)``."""
-    opt_state = set_hyperparam(opt_state, "learning_rate", lr)
+def optimizer_step(tx, params, opt_state, grads, **extra_args):
+    """One step of ``tx`` (at the learning rate in ``opt_state``): ``(params, opt_state)``."""
     updates, opt_state = tx.update(grads, opt_state, params, **extra_args)
     return optax.apply_updates(params, updates), opt_state
+
+
+def learning_rate(state) -> Optional[jax.Array]:
+    """The injected ``learning_rate`` of ``state.opt_state`` (float32 scalar per
+    member; the first found: TD3's parts hold equal ones), or None when the
+    optimizer has none."""
+    return get_hyperparam(state.opt_state, "learning_rate")
+
+
+def with_learning_rate(state, lr):
+    """``state`` with every injected ``learning_rate`` of its ``opt_state`` set
+    to ``lr`` (dtype and shape kept). ``lr`` None, or an optimizer without an
+    injected learning rate: ``state`` itself."""
+    if lr is None:
+        return state
+    return state.replace(opt_state=set_hyperparam(state.opt_state, "learning_rate", lr))
 
 
 # Metrics and loops ------------------------------------------------------------------------------
@@ -257,13 +278,13 @@ def episode_summary(returns: jax.Array, dones: jax.Array, last_return: jax.Array
 
 def make_run_train(init: Callable, update: Callable, num_updates: int):
     """``(run, train)``: ``run(state, n)`` is ``n`` (static) updates in one
-    ``lax.scan`` (metrics ``[n]``); ``train(key, hparams)`` runs ``num_updates``
-    from ``init``."""
+    ``lax.scan`` (metrics ``[n]``); ``train(key, hparams, learning_rate=None)``
+    runs ``num_updates`` from ``init``."""
 
     def run(state, n: int):
         return jax.lax.scan(lambda s, _: update(s), state, None, n)
 
-    def train(key: jax.Array, hparams):
-        return run(init(key, hparams), num_updates)
+    def train(key: jax.Array, hparams, learning_rate=None):
+        return run(init(key, hparams, learning_rate), num_updates)
 
     return run, train

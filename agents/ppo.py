@@ -9,16 +9,18 @@ vary (and PBT may change) are arrays in ``PPOHParams``. ``init`` and
 
 >>> env, env_params = envs.make("CartPole-v1")
 >>> agent = make_ppo(PPOConfig(), env, env_params, learned_optim.from_spec("adam"))
->>> hp = PPOHParams.default(lr=2.5e-4)
->>> state, metrics = jax.jit(agent.train)(jax.random.key(0), hp)
+>>> state, metrics = jax.jit(agent.train)(jax.random.key(0), PPOHParams.default(), 2.5e-4)
 
 The optimizer is injected: any ``optax`` transform; PPO chains
 ``clip_by_global_norm(max_grad_norm)`` in front of it and calls it with the
 extra arguments of ``learned_optim.context`` (``train_fraction``,
 ``batch_fraction``, ``key`` and, when the optimizer asks, ``layer_stats``).
-``hparams.lr`` is written into the optimizer's injected ``learning_rate``
-(see ``learned_optim.from_spec``) before every step; optimizers without one
-(e.g. OPEN) ignore it. The skeleton shared with A2C and TD3 is ``agents.core``.
+The learning rate is the optimizer's injected ``learning_rate`` in
+``state.opt_state`` (``agents.core.learning_rate``; ``train``'s third argument
+sets it, None keeps the spec's); with ``anneal_lr`` each iteration steps at
+``base * (1 - train_fraction)`` and puts ``base`` back afterwards. Optimizers
+without one (e.g. OPEN) are not annealed. The skeleton shared with A2C and TD3
+is ``agents.core``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class PPOConfig(core.OnPolicyConfig):
 
 
 PPOHParams = core.hparams_type(
-    "PPOHParams", "PPO", dict(lr=2.5e-4, ent_coef=0.01, clip_eps=0.2, gamma=0.99, gae_lambda=0.95, vf_coef=0.5),
+    "PPOHParams", "PPO", dict(ent_coef=0.01, clip_eps=0.2, gamma=0.99, gae_lambda=0.95, vf_coef=0.5),
     __name__, "Per-member PPO hyperparameters (float32 scalars, or ``[P]`` for a population).")
 
 PPOState = core.ActorCriticState
@@ -96,13 +98,14 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
     # less memory traffic when minibatches are shuffled; networks see float32.
     store_dtype = jnp.bool_ if getattr(env, "binary_observations", False) else None
 
-    def init(key: jax.Array, hparams) -> PPOState:
+    def init(key: jax.Array, hparams, learning_rate=None) -> PPOState:
         k_params, k_env, k_state = jax.random.split(key, 3)
         params = ac.init_params(k_params)
         obs, env_state = vec_env.reset(k_env, env_params)
-        return PPOState(params=params, opt_state=full_tx.init(params), env_state=env_state, obs=obs, key=k_state,
-                        hparams=core.as_float32(hparams), update_step=jnp.zeros((), jnp.int32),
-                        last_return=jnp.zeros((), jnp.float32))
+        state = PPOState(params=params, opt_state=full_tx.init(params), env_state=env_state, obs=obs, key=k_state,
+                         hparams=core.as_float32(hparams), update_step=jnp.zeros((), jnp.int32),
+                         last_return=jnp.zeros((), jnp.float32))
+        return core.with_learning_rate(state, learning_rate)
 
     # Rollout -----------------------------------------------------------------
 
@@ -172,7 +175,10 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
         )
         batch = jax.tree.map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]), batch)
         train_fraction = state.update_step.astype(jnp.float32) / config.num_updates
-        lr = hp.lr * (1.0 - train_fraction) if config.anneal_lr else hp.lr
+        # Annealing: this iteration's steps use base * (1 - train_fraction); the
+        # base stays the state's learning rate (restored after the steps).
+        base_lr = core.learning_rate(state) if config.anneal_lr else None
+        annealed = state if base_lr is None else core.with_learning_rate(state, base_lr * (1.0 - train_fraction))
 
         def epoch_step(carry, epoch):
             params, opt_state, key = carry
@@ -194,14 +200,14 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
                 if stats_needed:
                     extra["layer_stats"] = ac.layer_stats(params, mb["obs"], k_stats, stats_needed,
                                                           config.curvature_batch_size)
-                params, opt_state = core.optimizer_step(full_tx, params, opt_state, grads, lr, **extra)
+                params, opt_state = core.optimizer_step(full_tx, params, opt_state, grads, **extra)
                 return (params, opt_state, key), aux
 
             return jax.lax.scan(minibatch_step, (params, opt_state, key), minibatches)
 
         key, k_epochs = jax.random.split(state.key)
         (params, opt_state, _), aux = jax.lax.scan(
-            epoch_step, (state.params, state.opt_state, k_epochs), jnp.arange(config.update_epochs)
+            epoch_step, (state.params, annealed.opt_state, k_epochs), jnp.arange(config.update_epochs)
         )
         last_return, n_done = core.episode_summary(traj["episode_return"], traj["episode_done"], state.last_return)
         metrics = {k: v.mean() for k, v in aux.items()}
@@ -210,7 +216,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
             params=params, opt_state=opt_state, key=key,
             update_step=state.update_step + 1, last_return=last_return,
         )
-        return new_state, metrics
+        return core.with_learning_rate(new_state, base_lr), metrics
 
     run, train = core.make_run_train(init, update, config.num_updates)
     return PPOAgent(config, init, update, run, train, full_tx, stats_needed, uses_lr, rollout)

@@ -1,56 +1,66 @@
-"""Named settings of every agent, per env family: ``(config, hparams)`` pairs.
+"""Named settings of every agent, per env family: ``Preset(config, hparams, lr)``.
 
 ``resolve_config(env_name, agent="ppo", **overrides)`` picks the env family's
-preset (``preset_for``) and applies overrides by name (config fields and
-hyperparameters alike; ``None`` values are ignored)::
+preset (``preset_for``) and applies overrides by name (config fields,
+hyperparameters and ``lr`` alike; ``None`` values are ignored)::
 
-    cfg, hp = resolve_config("Pendulum-v1", agent="td3", total_timesteps=10_000)
-    agent = make_td3(cfg, env, env_params, tx); hparams = TD3HParams.default(**hp)
+    cfg, hp, lr = resolve_config("Pendulum-v1", agent="td3", total_timesteps=10_000)
+    agent = make_td3(cfg, env, env_params, tx)
+    state, metrics = agent.train(key, TD3HParams.default(**hp), lr)
 
 The hyperparameters a preset leaves out take the agent's defaults
-(``PPOHParams.default()``, ...).
+(``PPOHParams.default()``, ...). ``lr`` is the family's learning rate, tuned
+for Adam; the agent writes it into the optimizer's injected learning rate,
+and the host code (``meta.experiment.learning_rate_for``) decides when it
+applies to other optimizers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional
 
 from agents.a2c import A2CConfig, A2CHParams
 from agents.ppo import PPOConfig, PPOHParams
 from agents.td3 import TD3Config, TD3HParams
 
-Preset = Tuple[Any, Dict[str, float]]
+
+
+class Preset(NamedTuple):
+    config: Any  # the agent's frozen config
+    hparams: Dict[str, float]  # fields of the agent's *HParams
+    lr: float  # the learning rate (tuned for Adam)
+
 
 # PPO. MinAtar follows the OPEN paper's PPO setting.
 PPO_PRESETS: Dict[str, Preset] = {
-    "classic": (PPOConfig(anneal_lr=True), dict(lr=2.5e-4)),
-    "minatar": (
+    "classic": Preset(PPOConfig(anneal_lr=True), {}, 2.5e-4),
+    "minatar": Preset(
         PPOConfig(num_envs=64, num_steps=128, total_timesteps=10_000_000, update_epochs=4,
                   num_minibatches=8, activation="relu", anneal_lr=True),
-        dict(lr=3e-3),  # best of 3e-4, 1e-3, 3e-3, 1e-2 on Breakout at 2e6 steps
+        {}, 3e-3,  # best of 3e-4, 1e-3, 3e-3, 1e-2 on Breakout at 2e6 steps
     ),
-    "brax": (
+    "brax": Preset(
         PPOConfig(num_envs=2048, num_steps=10, total_timesteps=50_000_000, update_epochs=4,
                   num_minibatches=32, hidden_sizes=(256, 256), normalize_obs=True, anneal_lr=False),
-        dict(lr=3e-4, ent_coef=0.0, gamma=0.99, gae_lambda=0.95),
+        dict(ent_coef=0.0, gamma=0.99, gae_lambda=0.95), 3e-4,
     ),
-    "gridworld": (PPOConfig(num_envs=64, num_steps=20, total_timesteps=3_000_000, num_minibatches=4,
-                            activation="relu"), dict(lr=1e-3, gamma=0.995)),
+    "gridworld": Preset(PPOConfig(num_envs=64, num_steps=20, total_timesteps=3_000_000, num_minibatches=4,
+                                  activation="relu"), dict(gamma=0.995), 1e-3),
 }
 
 # TD3. "classic" (Pendulum) is sized for a CPU: 64x64 networks reach returns of
 # about -150 in 1-2e4 env steps there; "brax" follows the TD3 paper (256x256,
 # 1e6 buffer, 25e3 random steps).
 TD3_PRESETS: Dict[str, Preset] = {
-    "classic": (TD3Config(num_envs=4, total_timesteps=50_000, buffer_size=100_000, learning_starts=2_000,
-                          gradient_steps=4, hidden_sizes=(64, 64)), dict(lr=1e-3)),
-    "brax": (TD3Config(num_envs=16, total_timesteps=1_000_000, buffer_size=1_000_000, learning_starts=25_000,
-                       gradient_steps=16, hidden_sizes=(256, 256)), dict(lr=3e-4)),
+    "classic": Preset(TD3Config(num_envs=4, total_timesteps=50_000, buffer_size=100_000, learning_starts=2_000,
+                                gradient_steps=4, hidden_sizes=(64, 64)), {}, 1e-3),
+    "brax": Preset(TD3Config(num_envs=16, total_timesteps=1_000_000, buffer_size=1_000_000, learning_starts=25_000,
+                             gradient_steps=16, hidden_sizes=(256, 256)), {}, 3e-4),
 }
 
 # A2C: one setting, its defaults (Optim4RL's gridworld A2C).
-A2C_PRESETS: Dict[str, Preset] = {"classic": (A2CConfig(), {})}
+A2C_PRESETS: Dict[str, Preset] = {"classic": Preset(A2CConfig(), {}, 1e-3)}
 
 PRESETS: Dict[str, Dict[str, Preset]] = {"ppo": PPO_PRESETS, "td3": TD3_PRESETS, "a2c": A2C_PRESETS}
 _TYPES = {"ppo": (PPOConfig, PPOHParams), "td3": (TD3Config, TD3HParams), "a2c": (A2CConfig, A2CHParams)}
@@ -69,23 +79,25 @@ def preset_for(env_name: str, agent: str = "ppo") -> str:
 
 
 def resolve_config(env_name: str, preset: Optional[str] = None, agent: str = "ppo", **overrides) -> Preset:
-    """``(config, hparams dict)`` for ``agent`` on ``env_name``: the preset
-    (default: the env family's) with ``overrides`` applied."""
+    """``Preset(config, hparams dict, lr)`` for ``agent`` on ``env_name``: the
+    preset (default: the env family's) with ``overrides`` applied."""
     presets = _presets(agent)
     name = preset or preset_for(env_name, agent)
     who = agent.upper()
     if name not in presets:
         raise ValueError(f"unknown {who} preset {name!r}; allowed: {sorted(presets)}")
-    config, hp = presets[name]
+    config, hp, lr = presets[name]
     config_cls, hparams_cls = _TYPES[agent]
     cfg_fields = {f.name for f in dataclasses.fields(config_cls)}
     hp_fields = set(hparams_cls._fields)
-    unknown = set(overrides) - cfg_fields - hp_fields
+    unknown = set(overrides) - cfg_fields - hp_fields - {"lr"}
     if unknown:
-        raise ValueError(f"unknown {who} setting(s) {sorted(unknown)}; allowed: {sorted(cfg_fields | hp_fields)}")
+        raise ValueError(f"unknown {who} setting(s) {sorted(unknown)}; "
+                         f"allowed: {sorted(cfg_fields | hp_fields | {'lr'})}")
     cfg_over = {k: v for k, v in overrides.items() if k in cfg_fields and v is not None}
     hp_over = {k: v for k, v in overrides.items() if k in hp_fields and v is not None}
-    return dataclasses.replace(config, **cfg_over), {**hp, **hp_over}
+    lr = overrides["lr"] if overrides.get("lr") is not None else lr
+    return Preset(dataclasses.replace(config, **cfg_over), {**hp, **hp_over}, lr)
 
 
 def _presets(agent: str) -> Dict[str, Preset]:

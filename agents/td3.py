@@ -35,8 +35,10 @@ and diagonal GGN precondition them; learned rules see an ``"actor"`` or
 ``learned_optim.context``: ``train_fraction`` (iterations done / total),
 ``batch_fraction`` (position of the gradient step within the iteration),
 ``key`` and, only when ``required_stats`` asks, ``layer_stats``.
-``hparams.lr`` is written into the optimizer's injected ``learning_rate``
-before every step (both parts), so PBT changes it without recompiling.
+The learning rate is the optimizer's injected ``learning_rate``, the same in
+both parts' states (``agents.core.learning_rate`` / ``with_learning_rate``;
+``init``/``train`` take it as an optional third argument), so PBT changes it
+without recompiling.
 
 Curvature statistics (K-FAC, diagonal GGN), per-example pre-activation
 gradients of a sampled-target log-likelihood on the gradient step's batch:
@@ -123,12 +125,10 @@ class TD3Config:
 
 
 TD3HParams = core.hparams_type(
-    "TD3HParams", "TD3", dict(lr=1e-3, gamma=0.99, tau=0.005, policy_noise=0.2, noise_clip=0.5,
+    "TD3HParams", "TD3", dict(gamma=0.99, tau=0.005, policy_noise=0.2, noise_clip=0.5,
                               exploration_noise=0.1), __name__,
     """Per-member TD3 hyperparameters (float32 scalars, or ``[P]`` for a population).
 
-    lr:                learning rate of both actor and critics (written into the
-                       optimizer's injected ``learning_rate``).
     gamma:             discount.
     tau:               Polyak rate of the target networks.
     policy_noise:      std of the target-policy smoothing noise (normalised units).
@@ -250,11 +250,11 @@ def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
         return dict(obs=jnp.zeros(obs_shape, f32), action=jnp.zeros((act_dim,), f32), reward=jnp.zeros((), f32),
                     next_obs=jnp.zeros(obs_shape, f32), terminated=jnp.zeros((), f32))
 
-    def init(key: jax.Array, hparams) -> TD3State:
+    def init(key: jax.Array, hparams, learning_rate=None) -> TD3State:
         k_params, k_env, k_state = jax.random.split(key, 3)
         params = init_params(k_params)
         obs, env_state = vec_env.reset(k_env, env_params)
-        return TD3State(
+        return core.with_learning_rate(TD3State(
             params=params,
             target_params=params,
             opt_state=init_opt(params),
@@ -266,15 +266,15 @@ def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
             update_step=jnp.zeros((), jnp.int32),
             grad_step=jnp.zeros((), jnp.int32),
             last_return=jnp.zeros((), jnp.float32),
-        )
+        ), learning_rate)
 
     # Optimizer steps (one part each) ------------------------------------------------
 
-    def part_step(part, params, opt_state, grads, stats, lr, extra):
+    def part_step(part, params, opt_state, grads, stats, extra):
         """One step of ``full_tx`` on ``{part: params}`` (the critic's is vmapped over the twins)."""
         if stats is not None:
             extra = dict(extra, layer_stats={part: stats})
-        new, opt_state = core.optimizer_step(full_tx, {part: params}, opt_state, {part: grads}, lr, **extra)
+        new, opt_state = core.optimizer_step(full_tx, {part: params}, opt_state, {part: grads}, **extra)
         return new[part], opt_state
 
     # Losses ----------------------------------------------------------------------
@@ -314,7 +314,7 @@ def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
 
         def critic_step(q_params, q_opt, grads, stats, k):
             extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k)
-            return part_step("critic", q_params, q_opt, grads, stats, hp.lr, extra)
+            return part_step("critic", q_params, q_opt, grads, stats, extra)
 
         critics, c_opt = jax.vmap(critic_step)(params["critic"], opt_state["critic"], c_grads, c_stats,
                                                jax.random.split(k_copt, NUM_CRITICS))
@@ -335,7 +335,7 @@ def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
             if stats_needed:
                 a_stats = layer_stats(actor, params["actor"], flat(batch["obs"]), k_astats, actor_loglik)
             extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k_aopt)
-            new_actor, new_a_opt = part_step("actor", params["actor"], a_opt, a_grads, a_stats, hp.lr, extra)
+            new_actor, new_a_opt = part_step("actor", params["actor"], a_opt, a_grads, a_stats, extra)
             new_params = {**params, "actor": new_actor}
             new_targets = polyak(target_params, new_params, hp.tau)
             pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(due, n, o), new, old)  # noqa: E731

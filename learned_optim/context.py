@@ -92,12 +92,15 @@ def get_hyperparam(opt_state: Any, name: str) -> Optional[jax.Array]:
 
 def set_hyperparam(opt_state: Any, name: str, value: jax.Array) -> Any:
     """``opt_state`` with every injected hyperparameter ``name`` set to ``value``
-    (dtype kept, so scan carries stay stable). No-op where there is none."""
+    (dtype and shape kept, so scan carries stay stable; a scalar fills a
+    batched one, e.g. TD3's twin critics). No-op where there is none."""
 
     def _set(x):
         if _is_injected(x) and name in x.hyperparams:
             old = x.hyperparams[name]
-            new = jnp.asarray(value, dtype=jnp.asarray(old).dtype).reshape(jnp.shape(old))
+            new = jnp.asarray(value, dtype=jnp.asarray(old).dtype)
+            shape = jnp.shape(old)
+            new = jnp.broadcast_to(new, shape) if new.ndim == 0 else new.reshape(shape)
             return x._replace(hyperparams={**x.hyperparams, name: new})
         return x
 

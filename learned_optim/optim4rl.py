@@ -11,7 +11,8 @@ by a ``Dense(1)`` give pseudo moments ::
 ``scale_by_optim4rl`` yields ``m / sqrt(v + eps)``; ``Optim4RLRule.make_optimizer``
 chains it with an injected ``scale_by_learning_rate`` so the learning rate
 sits in ``state.hyperparams["learning_rate"]`` where agents and PBT set it
-(our PPO writes its ``hparams.lr`` there, overriding the rule's default).
+(``agents.core.with_learning_rate``; our agents' ``learning_rate=`` overrides
+the rule's default there).
 With H = 8: two branches of 3*(8*8) + 8 + 3*(1*8 + 8) + (8 + 1) = 257 floats,
 514 meta-parameters.
 """

@@ -47,6 +47,9 @@ class OptimizerInfo:
                  gives none; None where there is no injected learning rate
                  (OPEN, the MLP/GRU/LSTM rules: their step size is learned).
     lr_bounds:   PBT's search bounds for its learning rate.
+    uses_preset_lr: the env presets' learning rates (tuned for Adam) apply to
+                 it when the spec gives none (``meta.experiment.learning_rate_for``);
+                 False: it starts from ``default_lr``.
     cpu_speed:   its agent's steps per second relative to Adam's, on CPU
                  (cost estimates).
     rule:        the ``LearnedRule`` class of learned kinds, else None.
@@ -58,6 +61,7 @@ class OptimizerInfo:
     build: Callable[[str, str], optax.GradientTransformationExtraArgs]
     default_lr: Optional[float]
     lr_bounds: Tuple[float, float] = DEFAULT_LR_BOUNDS
+    uses_preset_lr: bool = False
     cpu_speed: float = 1.0
     rule: Optional[type] = None
     doc: str = ""
@@ -112,9 +116,9 @@ def _build_lopt(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
 
 
 _ENTRIES: Dict[str, OptimizerInfo] = {e.name: e for e in (
-    OptimizerInfo("adam", _hand_designed(optax.adam, _ADAM), _ADAM["learning_rate"],
+    OptimizerInfo("adam", _hand_designed(optax.adam, _ADAM), _ADAM["learning_rate"], uses_preset_lr=True,
                   doc="adam[:lr=3e-4,b1=0.9,b2=0.999,eps=1e-8]"),
-    OptimizerInfo("adamw", _hand_designed(optax.adamw, _ADAMW), _ADAMW["learning_rate"],
+    OptimizerInfo("adamw", _hand_designed(optax.adamw, _ADAMW), _ADAMW["learning_rate"], uses_preset_lr=True,
                   doc="adamw[:lr=3e-4,b1=0.9,b2=0.999,eps=1e-8,weight_decay=1e-4]"),
     OptimizerInfo("sgd", _hand_designed(optax.sgd, _SGD), _SGD["learning_rate"], lr_bounds=(1e-4, 1.0),
                   doc="sgd[:lr=1e-2,momentum=0]"),

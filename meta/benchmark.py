@@ -31,7 +31,7 @@ import learned_optim
 from agents.presets import preset_for, resolve_config
 from learned_optim import registry
 from meta import report, stats
-from meta.experiment import hparams_for_spec, train_lr_sweep, train_seeds
+from meta.experiment import learning_rate_for, train_lr_sweep, train_seeds
 from meta.host import device_description, fmt_eta
 from meta.lr_tuning import SELECTION_RULE, LrGrid, LrGrids, select_lr
 from meta.report import write_json
@@ -109,7 +109,7 @@ def make_cells(env_names: Sequence[str], specs: Sequence[str], seeds: int, times
             if lr_grid is None or not injectable[s]:
                 cells.append(Cell(e, s, seeds, int(timesteps), lr, seed))
                 continue
-            centre = hparams_for_spec(resolve_config(e)[1], s)["lr"]
+            centre = learning_rate_for(s, resolve_config(e).lr)
             grid = lr_grid.for_spec(s).resolve(centre)
             if len(set(grid)) != len(grid):
                 raise ValueError(f"--lr-grid {lr_grid} gives repeated learning rates {grid} for {s!r} on {e}")
@@ -199,15 +199,15 @@ def run_cells(cells: Sequence[Cell], out: str, train: Optional[Callable] = None,
     t0, done_cost = time.perf_counter(), 0.0
     total_cost = sum(c.cost() for c, _ in todo)
     for i, (cell, path) in enumerate(todo):
-        config, hp = resolve_config(cell.env, total_timesteps=int(cell.timesteps))
+        config, hp, preset_lr = resolve_config(cell.env, total_timesteps=int(cell.timesteps))
         tuning = None
         if cell.tuned:
             tune_path = os.path.join(out, "cells", cell.name + ".tune.json")
             tune = _load_checked(tune_path, cell.settings())
             if tune is None:
-                tune_config, tune_hp = resolve_config(cell.env, total_timesteps=int(cell.tune_timesteps))
-                tune = sweep(cell.env, cell.optimizer, tune_config, hparams_for_spec(tune_hp, cell.optimizer),
-                             cell.lr_grid, cell.tune_seeds, seed=cell.seed, log=log)
+                tune_config, tune_hp, _ = resolve_config(cell.env, total_timesteps=int(cell.tune_timesteps))
+                tune = sweep(cell.env, cell.optimizer, tune_config, tune_hp, cell.lr_grid, cell.tune_seeds,
+                             seed=cell.seed, log=log)
                 tune["settings"] = cell.settings()
                 write_json(tune_path, tune)
             else:
@@ -220,10 +220,10 @@ def run_cells(cells: Sequence[Cell], out: str, train: Optional[Callable] = None,
             log(f"[{cell.env} | {cell.optimizer}] lr sweep: "
                 + ", ".join(f"{lr:.3g}: {m:.2f}" for lr, m in zip(tune["lrs"], choice["mean_return"]))
                 + f" -> lr {choice['lr']:.3g}" + (" (edge of the grid)" if choice["at_edge"] else ""))
-            hp = hparams_for_spec(hp, cell.optimizer, choice["lr"])
+            lr = choice["lr"]
         else:
-            hp = hparams_for_spec(hp, cell.optimizer, cell.lr)
-        res = train(cell.env, cell.optimizer, config, hp, cell.seeds, seed=cell.seed, log=log)
+            lr = learning_rate_for(cell.optimizer, preset_lr, cell.lr)
+        res = train(cell.env, cell.optimizer, config, hp, cell.seeds, seed=cell.seed, log=log, learning_rate=lr)
         if tuning is not None:
             res["lr_tuning"] = tuning
         res["settings"] = cell.settings()

@@ -168,9 +168,12 @@ def final_return_jnp(metrics: Dict[str, jax.Array], fraction: float = 0.1) -> ja
 
 
 def inner_setup(env_name: str, timesteps: int):
+    """``(env, env_params, config, hparams, lr)`` of the inner PPO agents: the
+    env preset's, its learning rate written into the rule's injected one
+    (Optim4RL; OPEN has none)."""
     env, env_params = envs.make(env_name)
-    cfg, hp = resolve_config(env_name, total_timesteps=int(timesteps))
-    return env, env_params, cfg, PPOHParams.default(**hp)
+    cfg, hp, lr = resolve_config(env_name, total_timesteps=int(timesteps))
+    return env, env_params, cfg, PPOHParams.default(**hp), lr
 
 
 def make_evaluator(config: ESConfig, rule):
@@ -180,10 +183,10 @@ def make_evaluator(config: ESConfig, rule):
 
     def evaluate(meta_params, key):
         out = []
-        for e, (env, env_params, cfg, hp) in enumerate(setups):
+        for e, (env, env_params, cfg, hp, lr) in enumerate(setups):
             agent = make_ppo(cfg, env, env_params, rule.make_optimizer(meta_params))
             keys = jax.random.split(jax.random.fold_in(key, e), config.seeds)
-            _, m = jax.vmap(agent.train, in_axes=(0, None))(keys, hp)
+            _, m = jax.vmap(agent.train, in_axes=(0, None, None))(keys, hp, lr)
             out.append(final_return_jnp(m))
         return jnp.stack(out)
 
@@ -193,7 +196,7 @@ def make_evaluator(config: ESConfig, rule):
 def env_steps_per_generation(config: ESConfig) -> int:
     total = 0
     for name in config.envs:
-        cfg, _ = resolve_config(name, total_timesteps=int(config.timesteps))
+        cfg = resolve_config(name, total_timesteps=int(config.timesteps)).config
         total += cfg.num_updates * cfg.batch_size
     return total * config.seeds * config.population
 

@@ -17,24 +17,26 @@ import envs
 import learned_optim
 from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
 from learned_optim import registry
-from learned_optim.spec import explicit_learning_rate, split_spec
+from learned_optim.spec import explicit_learning_rate
 from meta.host import chunk_sizes, fmt_eta, peak_memory_mb
 
 
-# The env presets' learning rates were tuned for Adam.
-PRESET_LR_OPTIMIZERS = ("adam", "adamw")
-
-
-def hparams_for_spec(hparams: Dict[str, float], optimizer_spec: str, lr: Optional[float] = None):
-    """Learning rate precedence: an explicit ``lr`` (e.g. ``--lr``) > the spec's
-    own ``lr=`` > the preset's default for Adam-family specs (the presets were
-    tuned for Adam) > the optimizer's own default (``kfac`` 0.05, ``sgd``
-    0.01, ...). Optimizers without a learning rate (OPEN) leave it unused."""
+def learning_rate_for(optimizer_spec: str, preset_lr: float, lr: Optional[float] = None) -> float:
+    """The learning rate to train ``optimizer_spec`` with: an explicit ``lr``
+    (e.g. ``--lr``) > the spec's own ``lr=`` > the env preset's ``preset_lr``
+    where the registry says it applies (``uses_preset_lr``: the Adam family,
+    which the presets were tuned for) > the optimizer's own default (``kfac``
+    0.05, ``sgd`` 0.01, ...). Optimizers without an injected learning rate
+    (OPEN) get ``preset_lr``, which they leave unused (results report it)."""
+    if lr is not None:
+        return lr
     spec_lr = explicit_learning_rate(optimizer_spec)
-    chosen = lr if lr is not None else spec_lr
-    if chosen is None and split_spec(optimizer_spec)[0] not in PRESET_LR_OPTIMIZERS:
-        chosen = registry.info(optimizer_spec).default_lr
-    return {**hparams, "lr": chosen} if chosen is not None else dict(hparams)
+    if spec_lr is not None:
+        return spec_lr
+    info = registry.info(optimizer_spec)
+    if info.uses_preset_lr or info.default_lr is None:
+        return preset_lr
+    return info.default_lr
 
 
 # Independent key stream for learning-rate tuning runs (``fold_in`` tag), so
@@ -53,10 +55,11 @@ def tuning_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), TUNING_STREAM), num_seeds)
 
 
-def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, keys, log, target_chunks, label):
-    """Trains ``M`` PPO members (``hp_pop`` leaves and ``keys`` are ``[M]``) in
-    one vmapped program, in chunks for progress output. Returns the raw
-    arrays (curves/counts/finite ``[M, U]``), timings and ``uses_lr``."""
+def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, keys, log, target_chunks, label):
+    """Trains ``M`` PPO members (``hp_pop`` leaves, learning rates ``lrs`` and
+    ``keys`` are ``[M]``) in one vmapped program, in chunks for progress
+    output. Returns the raw arrays (curves/counts/finite ``[M, U]``), timings
+    and ``uses_lr``."""
     env, env_params = envs.make(env_name)
     tx = learned_optim.from_spec(optimizer_spec)
     agent = make_ppo(config, env, env_params, tx)
@@ -64,7 +67,7 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, keys, l
 
     t0, c0 = time.perf_counter(), time.process_time()
     init = jax.jit(jax.vmap(agent.init))
-    state = init(keys, hp_pop)
+    state = init(keys, hp_pop, lrs)
     sizes = chunk_sizes(config.num_updates, target_chunks)
     compiled = {}
     for n in sorted(set(sizes)):
@@ -117,15 +120,21 @@ def train_seeds(
     seed: int = 0,
     log: Optional[Callable[[str], None]] = print,
     target_chunks: int = 20,
+    learning_rate: Optional[float] = None,
 ) -> Dict:
-    """Trains ``num_seeds`` PPO agents (vmapped) and returns a result dict:
-    per-seed final returns, learning curves ``[S, U]``, timings and memory."""
+    """Trains ``num_seeds`` PPO agents (vmapped) at ``learning_rate`` (None:
+    the optimizer's own; see ``learning_rate_for``) and returns a result dict:
+    per-seed final returns, learning curves ``[S, U]``, timings, memory and
+    ``hparams`` (with the ``lr``)."""
     if num_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {num_seeds}")
     hp = PPOHParams.default(**hparams)
     hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,)), hp)
-    raw = _train_members(env_name, optimizer_spec, config, hp_pop, evaluation_keys(seed, num_seeds), log,
+    lrs = None if learning_rate is None else jnp.full((num_seeds,), learning_rate, jnp.float32)
+    raw = _train_members(env_name, optimizer_spec, config, hp_pop, lrs, evaluation_keys(seed, num_seeds), log,
                          target_chunks, f"{env_name} | {optimizer_spec}")
+    if learning_rate is not None:
+        hparams = {"lr": learning_rate, **hparams}
     steps_per_update = config.batch_size
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
     returns = final_return(metrics)
@@ -168,9 +177,9 @@ def train_lr_sweep(
     """A learning-rate sweep as ONE vmapped program: ``len(lrs) x num_seeds``
     members, member ``i * num_seeds + s`` has ``lrs[i]`` and tuning key ``s``
     (``tuning_keys``; the same keys for every lr, so lrs are compared on
-    common random numbers). ``hparams.lr`` is injected into the optimizer, so
-    the grid needs no recompilation; an optimizer without an injected learning
-    rate -> ``ValueError``.
+    common random numbers). The learning rate is the optimizer's injected
+    one, so the grid needs no recompilation; an optimizer without an injected
+    learning rate -> ``ValueError``.
 
     Returns ``final_return [L, S]``, ``diverged [L, S]`` (non-finite parameters
     at the end), ``mean_curves [L, U]`` (learning curve per lr, mean over
@@ -185,12 +194,12 @@ def train_lr_sweep(
     num_lrs = len(lrs)
     hp = PPOHParams.default(**hparams)
     hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_lrs * num_seeds,)), hp)
-    hp_pop = hp_pop._replace(lr=jnp.repeat(jnp.asarray(lrs, jnp.float32), num_seeds))
+    lr_pop = jnp.repeat(jnp.asarray(lrs, jnp.float32), num_seeds)
     keys = jnp.tile(tuning_keys(seed, num_seeds), (num_lrs,))
-    raw = _train_members(env_name, optimizer_spec, config, hp_pop, keys, log, target_chunks,
+    raw = _train_members(env_name, optimizer_spec, config, hp_pop, lr_pop, keys, log, target_chunks,
                          f"{env_name} | {optimizer_spec} | lr sweep {num_lrs}x{num_seeds}")
     if not raw["uses_lr"]:  # pragma: no cover - the registry said otherwise
-        raise ValueError(f"optimizer {optimizer_spec!r} ignores hparams.lr")
+        raise ValueError(f"optimizer {optimizer_spec!r} has no injected learning rate")
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
     returns = final_return(metrics).reshape(num_lrs, num_seeds)
     steps_per_update = config.batch_size

@@ -71,12 +71,13 @@ class MetaGradTrainer(NamedTuple):
 
 
 def make_metagrad(config: MetaGradConfig, rule, env_pairs: Sequence[Tuple[Any, Any]],
-                  a2c_config: A2CConfig, hparams: A2CHParams) -> MetaGradTrainer:
+                  a2c_config: A2CConfig, hparams: A2CHParams, learning_rate=None) -> MetaGradTrainer:
     """``env_pairs``: ``[(env, env_params), ...]`` from ``envs.make``; ``rule``: a
-    ``learned_optim`` rule (e.g. ``registry.make_rule("optim4rl")``)."""
+    ``learned_optim`` rule (e.g. ``registry.make_rule("optim4rl")``);
+    ``learning_rate``: the units' agent learning rate (None: the rule's own)."""
     if not env_pairs:
         raise ValueError("make_metagrad: env_pairs must name at least one env")
-    unit_fns = tuple(make_a2c_units(rule, env, p, a2c_config, hparams) for env, p in env_pairs)
+    unit_fns = tuple(make_a2c_units(rule, env, p, a2c_config, hparams, learning_rate) for env, p in env_pairs)
     agents = tuple(u.agent for u in unit_fns)
     meta_opt = optax.chain(optax.clip_by_global_norm(config.meta_grad_clip), optax.adam(config.meta_lr))
     pipelines = tuple(make_pipeline(config.pipeline, u.init) for u in unit_fns)

@@ -72,15 +72,16 @@ class UnitEvaluation(NamedTuple):
 
 
 def unit_evaluation(config: ESConfig, rule, pipeline_config: PipelineESConfig, a2c_config: A2CConfig,
-                    hparams: A2CHParams, env_overrides: Optional[Dict[str, Dict[str, Any]]] = None
-                    ) -> UnitEvaluation:
+                    hparams: A2CHParams, env_overrides: Optional[Dict[str, Dict[str, Any]]] = None,
+                    learning_rate=None) -> UnitEvaluation:
     """Evaluation over pipeline units for ``make_es(config, rule, ...)``; of
     ``config`` it uses the envs and the population (not ``seeds`` or
     ``timesteps``). ``env_overrides``: env name -> ``envs.make`` overrides
-    (e.g. ``scale_rewards``)."""
+    (e.g. ``scale_rewards``); ``learning_rate``: the units' agent learning
+    rate (None: the rule's own)."""
     env_overrides = dict(env_overrides or {})
-    units = tuple(make_a2c_units(rule, *envs.make(name, **env_overrides.get(name, {})), a2c_config, hparams)
-                  for name in config.envs)
+    units = tuple(make_a2c_units(rule, *envs.make(name, **env_overrides.get(name, {})), a2c_config, hparams,
+                                 learning_rate) for name in config.envs)
     pipelines = tuple(make_pipeline(pipeline_config.pipeline, u.init) for u in units)
 
     def run_window(meta_params, units_per_env):

@@ -11,12 +11,13 @@ A2C agents with any optimizer spec (final comparisons, lr sweeps, transfer).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents import core
 from agents.a2c import A2CAgent, A2CConfig, A2CHParams, A2CState, make_a2c
 
 
@@ -27,9 +28,12 @@ class A2CUnits(NamedTuple):
     run: Callable  # (unit, tx, num_updates) -> (unit, stats); differentiable in tx's meta-parameters
 
 
-def make_a2c_units(rule, env, env_params, a2c_config: A2CConfig, hparams: A2CHParams) -> A2CUnits:
+def make_a2c_units(rule, env, env_params, a2c_config: A2CConfig, hparams: A2CHParams,
+                   learning_rate=None) -> A2CUnits:
     """``rule``: anything with ``init_meta_params(key)`` and ``make_optimizer(meta_params)``
-    (a ``learned_optim`` rule); ``env, env_params`` from ``envs.make``."""
+    (a ``learned_optim`` rule); ``env, env_params`` from ``envs.make``.
+    ``learning_rate`` (None: the rule's own) is written into every fresh
+    unit's optimizer state, where the rule has an injected one (Optim4RL)."""
     template = jax.eval_shape(rule.init_meta_params, jax.random.key(0))
     template_tx = rule.make_optimizer(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template))
     agent = make_a2c(a2c_config, env, env_params, template_tx)
@@ -39,7 +43,7 @@ def make_a2c_units(rule, env, env_params, a2c_config: A2CConfig, hparams: A2CHPa
 
     def init(key, meta_params):
         st = agent.init(key, hparams)
-        return st.replace(opt_state=make_tx(meta_params).init(st.params))
+        return core.with_learning_rate(st.replace(opt_state=make_tx(meta_params).init(st.params)), learning_rate)
 
     def update(st: A2CState, tx):
         st, traj = agent.rollout(st)
@@ -75,12 +79,14 @@ def lifetime_env_steps(reset_interval: int, rollouts_per_step: int, a2c_config: 
 
 
 def train_a2c_seeds(env_name: str, optimizer_spec: str, a2c_config: A2CConfig, hparams: A2CHParams,
-                    num_seeds: int, seed: int = 0) -> Dict[str, Any]:
+                    num_seeds: int, seed: int = 0, learning_rate: Optional[float] = None) -> Dict[str, Any]:
     """Trains ``num_seeds`` fresh A2C agents (vmapped) on ``env_name`` with the
     optimizer ``optimizer_spec`` (e.g. ``adam:lr=3e-3``, ``lopt:DIR``) for
-    ``a2c_config.total_timesteps`` steps. ``hparams.lr`` is written into the
-    optimizer's injected learning rate. Returns per-seed final returns (mean
-    over the last 10% of updates), curves ``[S, U]`` and their env steps."""
+    ``a2c_config.total_timesteps`` steps, ``learning_rate`` written into the
+    optimizer's injected learning rate (None: the spec's own). Returns
+    per-seed final returns (mean over the last 10% of updates), curves
+    ``[S, U]`` and their env steps; ``lr`` is the learning rate asked for,
+    as the float32 the optimizer holds (None: none asked, the optimizer's own)."""
     import envs
     import learned_optim
     from agents.ppo import final_return
@@ -90,11 +96,11 @@ def train_a2c_seeds(env_name: str, optimizer_spec: str, a2c_config: A2CConfig, h
     env, env_params = envs.make(env_name)
     agent = make_a2c(a2c_config, env, env_params, learned_optim.from_spec(optimizer_spec))
     keys = jax.random.split(jax.random.key(seed), num_seeds)
-    _, m = jax.jit(jax.vmap(agent.train, (0, None)))(keys, hparams)
+    _, m = jax.jit(jax.vmap(agent.train, (0, None, None)))(keys, hparams, learning_rate)
     m = jax.device_get(m)
     fr = np.asarray(final_return(m, 0.1), np.float64)
     steps = (np.arange(1, a2c_config.num_updates + 1) * a2c_config.batch_size).tolist()
-    return dict(env=env_name, optimizer=optimizer_spec, lr=float(hparams.lr), seeds=num_seeds, seed=seed,
+    return dict(env=env_name, optimizer=optimizer_spec, lr=None if learning_rate is None else float(np.float32(learning_rate)), seeds=num_seeds, seed=seed,
                 timesteps_per_seed=a2c_config.num_updates * a2c_config.batch_size,
                 config=dataclasses.asdict(a2c_config), final_return=fr.tolist(),
                 final_return_mean=float(fr.mean()),

@@ -25,7 +25,7 @@ def test_stats_against_hand_computed_values():
 
 
 def _fake_train(calls):
-    def train(env, spec, config, hp, seeds, seed=0, log=None):
+    def train(env, spec, config, hp, seeds, seed=0, log=None, learning_rate=None):
         calls.append((env, spec))
         rng = np.random.default_rng(len(calls))
         curves = rng.normal(1.0 if spec == "adam" else 2.0, 0.1, size=(seeds, 5))
@@ -179,12 +179,13 @@ def _fake_sweep(calls, returns):
 
 
 def _fake_train_lr(calls):
-    def train(env, spec, config, hp, seeds, seed=0, log=None):
-        calls.append((env, spec, hp["lr"]))
-        curves = np.full((seeds, 5), 1000.0 * hp["lr"])
+    def train(env, spec, config, hp, seeds, seed=0, log=None, learning_rate=None):
+        calls.append((env, spec, learning_rate))
+        curves = np.full((seeds, 5), 1000.0 * learning_rate)
         return dict(env=env, optimizer=spec, final_return=curves[:, -1].tolist(), curves=curves.tolist(),
                     steps=[1, 2, 3, 4, 5], env_steps_per_second=100.0, compile_seconds=1.0, timesteps_per_seed=5,
-                    final_return_mean=float(curves[:, -1].mean()), hparams=dict(hp), uses_lr=spec != "open")
+                    final_return_mean=float(curves[:, -1].mean()), hparams=dict(hp, lr=learning_rate),
+                    uses_lr=spec != "open")
     return train
 
 

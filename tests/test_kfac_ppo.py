@@ -28,11 +28,12 @@ SCRIPT = textwrap.dedent(
     env, p = envs.make("CartPole-v1")
     cfg = PPOConfig(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 4, update_epochs=2,
                     num_minibatches=2, hidden_sizes=(64, 64))
-    agent = make_ppo(cfg, env, p, learned_optim.from_spec("kfac:lr=0.05,period=1"))
-    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), PPOHParams.default(lr=0.05))
+    agent = make_ppo(cfg, env, p, learned_optim.from_spec("kfac:lr=0.01,period=1"))
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), PPOHParams.default())
     keys = jax.random.split(jax.random.key(0), 2)
-    init = jax.jit(jax.vmap(agent.init))(keys, hp)
-    state, m = jax.jit(jax.vmap(agent.train))(keys, hp)
+    lrs = jnp.full((2,), 0.05)
+    init = jax.jit(jax.vmap(agent.init))(keys, hp, lrs)
+    state, m = jax.jit(jax.vmap(agent.train))(keys, hp, lrs)
     health = [x for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, CurvatureHealth))
               if isinstance(x, CurvatureHealth)]
     kernel = lambda s: s.params["actor"]["Dense_0"]["kernel"]
@@ -56,4 +57,4 @@ def test_kfac_in_vmapped_ppo_runs_finite_without_hanging():
     assert out["stats"] == ["inputs", "preact_grads"]
     assert out["finite"] and out["moved"] > 1e-4
     assert out["health"] and all(v == 0 for counters in out["health"] for v in counters), out["health"]
-    assert np.allclose(out["lr"], [0.05, 0.05])  # PPO wrote hparams.lr into the injected rate
+    assert np.allclose(out["lr"], [0.05, 0.05])  # train's learning_rate, written over the spec's 0.01

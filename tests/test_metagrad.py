@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import envs
+from agents import core
 from agents.a2c import A2CConfig, A2CHParams
 from learned_optim.registry import make_rule
 from meta.metagrad import MetaGradConfig, make_metagrad, unrolled_loss
@@ -46,7 +47,8 @@ def _trainer():
     env_pairs = [envs.make("Catch-bsuite")]
     cfg = MetaGradConfig(num_inner=2, meta_lr=3e-3, pipeline=PipelineConfig(num_units=2, reset_interval=8))
     return make_metagrad(cfg, make_rule("optim4rl"), env_pairs,
-                         A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,)), A2CHParams.default(lr=3e-3, gamma=0.99))
+                         A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,)), A2CHParams.default(gamma=0.99),
+                         learning_rate=3e-3)
 
 
 def test_metagrad_deterministic_and_finite():
@@ -60,6 +62,7 @@ def test_metagrad_deterministic_and_finite():
         outs.append(tr.rule.flatten(s.meta_params))
         assert bool(m["finite"])
         assert float(m["grad_norm"]) > 0
+        np.testing.assert_allclose(core.learning_rate(s.pipes[0].units), 3e-3)  # every unit's optimizer holds it
     np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
 
 
@@ -71,17 +74,17 @@ def test_short_optim4rl_metagrad_run_improves_catch():
     from agents.ppo import final_return
 
     rule = make_rule("optim4rl")
-    hp = A2CHParams.default(lr=3e-3, gamma=0.99)
+    hp, lr = A2CHParams.default(gamma=0.99), 3e-3
     acfg = A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,))
     cfg = MetaGradConfig(num_inner=4, meta_lr=3e-3, pipeline=PipelineConfig(num_units=4, reset_interval=40))
     env, ep = envs.make("Catch-bsuite")
-    tr = make_metagrad(cfg, rule, [(env, ep)], acfg, hp)
+    tr = make_metagrad(cfg, rule, [(env, ep)], acfg, hp, lr)
 
     ecfg = A2CConfig(num_envs=8, num_steps=10, hidden_sizes=(32,), total_timesteps=8 * 10 * 200)
 
     def evaluate(meta):
         ag = make_a2c(ecfg, env, ep, rule.make_optimizer(meta))
-        _, m = jax.jit(jax.vmap(ag.train, (0, None)))(jax.random.split(jax.random.key(9), 4), hp)
+        _, m = jax.jit(jax.vmap(ag.train, (0, None, None)))(jax.random.split(jax.random.key(9), 4), hp, lr)
         return float(final_return(m, 0.2).mean())
 
     s = tr.init(jax.random.key(0))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import struct
 
+from agents import core
 from learned_optim import registry
 from meta import pbt
 from tests.conftest import ROOT
@@ -26,14 +27,20 @@ BEST_X = 0.7
 
 class ToyHP(NamedTuple):
     x: jax.Array
-    lr: jax.Array  # tuned as well in some tests
     fixed: jax.Array  # never tuned
+
+
+class ToyOpt(NamedTuple):
+    """An optimizer state with an injected learning rate (tuned as "lr" in some tests)."""
+
+    hyperparams: dict  # {"learning_rate": float32}
+    inner: dict
 
 
 @struct.dataclass
 class ToyState:
     params: dict
-    opt_state: dict
+    opt_state: ToyOpt
     hparams: ToyHP
     key: jax.Array
     steps: jax.Array
@@ -41,10 +48,11 @@ class ToyState:
 
 def toy_agent(opt_kind="a", noise=0.0):
     def init_opt(params):
+        hyper = {"learning_rate": jnp.float32(1e-3)}
         if opt_kind == "a":
-            return {"m": jnp.zeros_like(params["w"])}
-        return {"m": jnp.zeros_like(params["w"]), "v": jnp.full_like(params["w"], 5.0),
-                "count": jnp.zeros((), jnp.int32)}
+            return ToyOpt(hyper, {"m": jnp.zeros_like(params["w"])})
+        return ToyOpt(hyper, {"m": jnp.zeros_like(params["w"]), "v": jnp.full_like(params["w"], 5.0),
+                              "count": jnp.zeros((), jnp.int32)})
 
     def init(key, hp):
         params = {"w": jnp.zeros((3,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
@@ -55,7 +63,8 @@ def toy_agent(opt_kind="a", noise=0.0):
             key, k = jax.random.split(s.key)
             gain = 1.0 - 20.0 * (s.hparams.x - BEST_X) ** 2
             w = s.params["w"] + gain
-            opt = jax.tree.map(lambda o: o + 1 if o.dtype == jnp.int32 else o + 0.1, s.opt_state)
+            opt = s.opt_state._replace(inner=jax.tree.map(lambda o: o + 1 if o.dtype == jnp.int32 else o + 0.1,
+                                                          s.opt_state.inner))
             ret = w[0] + noise * jax.random.normal(k)
             s = s.replace(params={**s.params, "w": w}, opt_state=opt, key=key, steps=s.steps + 1)
             return s, {"episode_return": ret}
@@ -66,7 +75,7 @@ def toy_agent(opt_kind="a", noise=0.0):
 
 
 TOY_SPACE = pbt.HParamSpace(("x", "lr"), (0.0, 1e-4), (1.0, 1e-1), ("linear", "log"))
-TOY_BASE = ToyHP(jnp.float32(0.5), jnp.float32(1e-3), jnp.float32(3.0))
+TOY_BASE = ToyHP(jnp.float32(0.5), jnp.float32(3.0))
 
 
 def toy_pbt(algo="pbt", groups=(pbt.Group("a", 8),), spaces=None, agents=None, **kw):
@@ -359,7 +368,7 @@ def test_mixed_groups_copy_or_reinit_optimizer_state():
     state = state.replace(members=tuple(
         m.replace(params=jax.tree.map(lambda x: x + jnp.arange(x.shape[0], dtype=x.dtype).reshape(
             (-1,) + (1,) * (x.ndim - 1)) + 10 * g, m.params),
-                  opt_state=jax.tree.map(lambda x: x + 1 + g, m.opt_state))
+                  opt_state=m.opt_state._replace(inner=jax.tree.map(lambda x: x + 1 + g, m.opt_state.inner)))
         for g, m in enumerate(state.members)))
     # member 3 (group b) and member 5 (the second "a" group) are the best two,
     # members 0 and 1 (group a) the worst two.
@@ -379,13 +388,13 @@ def test_mixed_groups_copy_or_reinit_optimizer_state():
             assert leaves_equal(flat_new[i].params, flat_old[s].params)
             if s == 5:  # same kind: optimizer state copied
                 assert leaves_equal(flat_new[i].opt_state, flat_old[5].opt_state)
-                np.testing.assert_array_equal(flat_new[i].hparams.lr, flat_old[5].hparams.lr)
+                np.testing.assert_array_equal(core.learning_rate(flat_new[i]), core.learning_rate(flat_old[5]))
             else:  # from kind "b": re-initialised with the structure of "a"
-                assert set(flat_new[i].opt_state) == {"m"}
-                np.testing.assert_array_equal(flat_new[i].opt_state["m"], 0.0)
+                assert set(flat_new[i].opt_state.inner) == {"m"}
+                np.testing.assert_array_equal(flat_new[i].opt_state.inner["m"], 0.0)
                 # lr keeps its relative (log) position between the group bounds
-                u_src = np.log(flat_old[s].hparams.lr / 1e-2) / np.log(1.0 / 1e-2)
-                u_dst = np.log(flat_new[i].hparams.lr / 1e-4) / np.log(1e-1 / 1e-4)
+                u_src = np.log(core.learning_rate(flat_old[s]) / 1e-2) / np.log(1.0 / 1e-2)
+                u_dst = np.log(core.learning_rate(flat_new[i]) / 1e-4) / np.log(1e-1 / 1e-4)
                 np.testing.assert_allclose(u_dst, u_src, rtol=1e-4)
             kinds_seen.add(int(s))
             assert flat_new[i].hparams.x == flat_old[s].hparams.x

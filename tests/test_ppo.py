@@ -135,18 +135,45 @@ def test_time_limits_are_bootstrapped_only_where_truncated():
 
 
 def test_hparams_differ_per_member_under_vmap():
-    """lr=0 must leave the policy untouched while lr>0 changes it, in one vmapped call."""
+    """lr=0 must leave the policy untouched while lr>0 changes it, in one vmapped call
+    (the learning rates written into the optimizer states by ``init``)."""
+    from agents import core
+
     env, p = envs.make("CartPole-v1")
     agent = make_ppo(TINY, env, p, learned_optim.from_spec("adam"))
-    hp = PPOHParams.default()._replace(lr=jnp.array([0.0, 1e-3]))
-    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), hp)
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), PPOHParams.default())
     keys = jnp.stack([jax.random.key(0), jax.random.key(0)])
-    s0 = jax.vmap(agent.init)(keys, hp)
+    s0 = jax.vmap(agent.init)(keys, hp, jnp.array([0.0, 1e-3]))
+    np.testing.assert_array_equal(core.learning_rate(s0), np.array([0.0, 1e-3], np.float32))
     s1, m = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1)(s0, 2)
     k0, k1 = s0.params["actor"]["Dense_0"]["kernel"], s1.params["actor"]["Dense_0"]["kernel"]
     np.testing.assert_array_equal(k0[0], k1[0])
     assert not np.allclose(k0[1], k1[1])
     assert m["episode_return"].shape == (2, 2)
+
+
+def test_anneal_lr_steps_at_the_annealed_rate_and_keeps_the_base():
+    """With ``anneal_lr`` iteration ``k`` steps at ``base * (1 - k / num_updates)``
+    (the same as writing that rate into a non-annealing agent) and the state
+    keeps ``base``."""
+    from agents import core
+
+    env, p = envs.make("CartPole-v1")
+    tx = learned_optim.from_spec("adam")
+    annealed = make_ppo(dataclasses.replace(TINY, anneal_lr=True), env, p, tx)
+    plain = make_ppo(TINY, env, p, tx)
+    hp, base = PPOHParams.default(), jnp.float32(1e-3)
+    a = annealed.init(jax.random.key(0), hp, base)
+    b = plain.init(jax.random.key(0), hp, base)
+    for k in range(TINY.num_updates):
+        b = core.with_learning_rate(b, base * (1.0 - jnp.float32(k) / TINY.num_updates))
+        a, _ = jax.jit(annealed.update)(a)
+        b, _ = jax.jit(plain.update)(b)
+        assert float(core.learning_rate(a)) == float(base)
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.params["actor"]["Dense_0"]["kernel"],
+                              plain.init(jax.random.key(0), hp, base).params["actor"]["Dense_0"]["kernel"])
 
 
 def test_ppo_learns_cartpole():
@@ -155,7 +182,7 @@ def test_ppo_learns_cartpole():
     cfg = PPOConfig(total_timesteps=100_000, anneal_lr=True)
     agent = make_ppo(cfg, env, p, learned_optim.from_spec("adam:lr=2.5e-4"))
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (4,)), PPOHParams.default())
-    _, m = jax.jit(jax.vmap(agent.train))(jax.random.split(jax.random.key(0), 4), hp)
+    _, m = jax.jit(jax.vmap(agent.train, in_axes=(0, 0, None)))(jax.random.split(jax.random.key(0), 4), hp, 2.5e-4)
     fr = final_return(m)
     assert fr.shape == (4,)
     assert fr.mean() > 150, fr

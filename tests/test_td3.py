@@ -12,7 +12,7 @@ import pytest
 
 import envs
 import learned_optim
-from agents import presets, replay_buffer, td3
+from agents import core, presets, replay_buffer, td3
 from agents.td3 import TD3Config, TD3HParams, make_td3
 
 # One gradient step per iteration, so the delayed actor update is visible step by step.
@@ -58,8 +58,9 @@ def test_config_and_hparam_errors_are_clear():
     env, p = envs.make("CartPole-v1")
     with pytest.raises(ValueError, match="continuous"):
         make_td3(TINY, env, p, learned_optim.from_spec("adam"))
-    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=1000, lr=3e-4)
-    assert cfg.total_timesteps == 1000 and cfg.hidden_sizes == (64, 64) and hp["lr"] == 3e-4
+    cfg, hp, lr = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=1000, lr=3e-4)
+    assert cfg.total_timesteps == 1000 and cfg.hidden_sizes == (64, 64) and lr == 3e-4
+    assert presets.resolve_config("Pendulum-v1", agent="td3").lr == 1e-3 and "lr" not in hp
     assert cfg.num_updates == 1000 // cfg.num_envs and cfg.steps_per_update == cfg.num_envs
 
 
@@ -131,7 +132,7 @@ class Compiled(NamedTuple):
 @pytest.fixture(scope="module")
 def tiny(pendulum):
     env, p = pendulum
-    agent = make_td3(TINY, env, p, learned_optim.from_spec("adam"))
+    agent = make_td3(TINY, env, p, learned_optim.from_spec("adam:lr=1e-3"))
     one = lambda s: agent.run(s, 1)  # noqa: E731
     return Compiled(agent, jax.jit(agent.init), jax.jit(one), jax.jit(jax.vmap(agent.init)),
                     jax.jit(jax.vmap(one)))
@@ -209,12 +210,13 @@ def test_time_limit_is_bootstrapped_not_terminal(tiny):
 
 def test_vmap_over_members_equals_a_loop_and_hparams_are_per_member(tiny):
     hps = jax.tree.map(lambda x: jnp.broadcast_to(x, (3,)), TD3HParams.default())._replace(
-        lr=jnp.array([0.0, 1e-3, 3e-3]), tau=jnp.array([0.005, 0.01, 0.02]))
+        tau=jnp.array([0.005, 0.01, 0.02]))
+    lrs = jnp.array([0.0, 1e-3, 3e-3])
     keys = jax.random.split(jax.random.key(3), 3)
-    s0 = tiny.pop_init(keys, hps)
+    s0 = tiny.pop_init(keys, hps, lrs)
     pop, m = run_loop(tiny.pop_step, s0, 5)
     for i in range(3):
-        one, mi = run_loop(tiny.step, tiny.init(keys[i], jax.tree.map(lambda x: x[i], hps)), 5)
+        one, mi = run_loop(tiny.step, tiny.init(keys[i], jax.tree.map(lambda x: x[i], hps), lrs[i]), 5)
         for a, b in zip(leaves(one), leaves(jax.tree.map(lambda x: x[i], pop))):
             if np.issubdtype(a.dtype, np.floating):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -285,8 +287,8 @@ def test_curvature_optimizers_run_finite_in_a_vmapped_population(pendulum, spec)
     cfg = dataclasses.replace(TINY, learning_starts=16, total_timesteps=2 * 30)
     agent = make_td3(cfg, env, p, learned_optim.from_spec(spec))
     assert agent.stats_needed == {"inputs", "preact_grads"} and agent.uses_lr
-    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), TD3HParams.default(lr=0.05))
-    first, (s, m) = jax.jit(jax.vmap(lambda k, h: (agent.init(k, h).params, agent.train(k, h))))(
+    hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), TD3HParams.default())
+    first, (s, m) = jax.jit(jax.vmap(lambda k, h: (agent.init(k, h).params, agent.train(k, h, 0.05))))(
         jax.random.split(jax.random.key(0), 2), hp)
     assert np.asarray(m["finite"]).all() and np.isfinite(np.asarray(m["critic_loss"])).all()
     for part in ("actor", "critic"):
@@ -295,6 +297,7 @@ def test_curvature_optimizers_run_finite_in_a_vmapped_population(pendulum, spec)
         assert all(int(np.sum(h)) == 0 for h in health), health
         assert not np.allclose(s.params[part]["Dense_0"]["kernel"], first[part]["Dense_0"]["kernel"])
     assert float(np.asarray(s.opt_state["critic"].hyperparams["learning_rate"]).min()) == pytest.approx(0.05)
+    np.testing.assert_allclose(core.learning_rate(s), 0.05)  # the actor's, equal to the critics'
 
 
 def test_pbt_copies_targets_with_weights_and_reinits_other_kinds(pendulum):
@@ -321,10 +324,10 @@ def test_td3_learns_pendulum_slow():
     """Two seeds, 2e4 env steps: random play scores about -1200..-1400 on
     Pendulum; TD3 must be near the solved level (about -150)."""
     env, p = envs.make("Pendulum-v1")
-    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=20_000)
+    cfg, hp, lr = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=20_000)
     agent = make_td3(cfg, env, p, learned_optim.from_spec("adam"))
     hps = jax.tree.map(lambda x: jnp.broadcast_to(x, (2,)), TD3HParams.default(**hp))
-    _, m = jax.jit(jax.vmap(agent.train))(jax.random.split(jax.random.key(0), 2), hps)
+    _, m = jax.jit(jax.vmap(agent.train, in_axes=(0, 0, None)))(jax.random.split(jax.random.key(0), 2), hps, lr)
     ret = np.asarray(m["episode_return"])
     final = ret[:, [-1, -201, -401]].mean(1)  # each seed's last three episodes (of 4 envs each)
     assert np.asarray(m["finite"]).all() and final.mean() > -350, final
@@ -334,9 +337,9 @@ def test_td3_learns_pendulum():
     """One seed, 1e4 env steps of the Pendulum preset (about 50 s on 2 busy
     cores): a broken TD3 stays at random play's -1200..-1600."""
     env, p = envs.make("Pendulum-v1")
-    cfg, hp = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=10_000)
+    cfg, hp, lr = presets.resolve_config("Pendulum-v1", agent="td3", total_timesteps=10_000)
     agent = make_td3(cfg, env, p, learned_optim.from_spec("adam"))
-    _, m = jax.jit(agent.train)(jax.random.key(0), TD3HParams.default(**hp))
+    _, m = jax.jit(agent.train)(jax.random.key(0), TD3HParams.default(**hp), lr)
     ret = np.asarray(m["episode_return"])
     assert np.asarray(m["finite"]).all()
     # Every env finishes an episode every 200 iterations (Pendulum's time limit).

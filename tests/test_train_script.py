@@ -50,22 +50,27 @@ def test_small_run_writes_results(tmp_path):
 
 
 def test_learning_rate_precedence():
-    from meta.experiment import hparams_for_spec
+    from agents.presets import resolve_config
+    from learned_optim import registry
+    from meta.experiment import learning_rate_for
     from learned_optim.spec import explicit_learning_rate
 
-    preset = {"lr": 2.5e-4, "gamma": 0.99}
+    preset = 2.5e-4
     assert explicit_learning_rate("adam:eps=1e-5,lr=0.0123") == 0.0123
     assert explicit_learning_rate("kfac:learning_rate=0.2") == 0.2
     assert explicit_learning_rate("adam") is None and explicit_learning_rate("open:/x/lr=1.npy") is None
-    assert hparams_for_spec(preset, "adam")["lr"] == 2.5e-4
-    assert hparams_for_spec(preset, "adam:lr=0.0123")["lr"] == 0.0123
-    assert hparams_for_spec(preset, "adam:lr=0.0123", lr=0.5)["lr"] == 0.5
-    assert hparams_for_spec(preset, "adam:lr=0.0123")["gamma"] == 0.99
+    assert learning_rate_for("adam", preset) == 2.5e-4
+    assert learning_rate_for("adam:lr=0.0123", preset) == 0.0123
+    assert learning_rate_for("adam:lr=0.0123", preset, lr=0.5) == 0.5
+    # The preset's learning rate stands apart from its hyperparameters.
+    _, hp, lr = resolve_config("CartPole-v1", gamma=0.99)
+    assert lr == 2.5e-4 and hp["gamma"] == 0.99 and "lr" not in hp
     # Presets are Adam's: other optimizers keep their own default learning rate.
-    assert hparams_for_spec(preset, "kfac:period=10")["lr"] == pytest.approx(0.05)
-    assert hparams_for_spec(preset, "sgd")["lr"] == pytest.approx(0.01)
-    assert hparams_for_spec(preset, "adamw")["lr"] == 2.5e-4
-    assert hparams_for_spec(preset, "open")["lr"] == 2.5e-4  # no injected lr: unused
+    assert registry.info("adamw").uses_preset_lr and not registry.info("kfac").uses_preset_lr
+    assert learning_rate_for("kfac:period=10", preset) == pytest.approx(0.05)
+    assert learning_rate_for("sgd", preset) == pytest.approx(0.01)
+    assert learning_rate_for("adamw", preset) == 2.5e-4
+    assert learning_rate_for("open", preset) == 2.5e-4  # no injected lr: unused
 
 
 def test_plot_runs_overlays_train_outputs_and_rejects_bad_input(tmp_path, capsys):

@@ -57,17 +57,17 @@ def build_ours(cfg, n):
         activation=cfg["ACTIVATION"], max_grad_norm=cfg["MAX_GRAD_NORM"], anneal_lr=cfg["ANNEAL_LR"],
     )
     agent = make_ppo(config, env, params, learned_optim.from_spec("adam:eps=1e-5"))
-    hp = PPOHParams.default(lr=cfg["LR"], ent_coef=cfg["ENT_COEF"], clip_eps=cfg["CLIP_EPS"], gamma=cfg["GAMMA"],
+    hp = PPOHParams.default(ent_coef=cfg["ENT_COEF"], clip_eps=cfg["CLIP_EPS"], gamma=cfg["GAMMA"],
                             gae_lambda=cfg["GAE_LAMBDA"], vf_coef=cfg["VF_COEF"])
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,)), hp)
     keys = jax.random.split(jax.random.key(0), n)
-    fn = jax.jit(jax.vmap(agent.train))
+    fn = jax.jit(jax.vmap(agent.train, in_axes=(0, 0, None)))
 
     def returns(out):
         from agents.ppo import final_return
         return final_return(out[1]).tolist()
 
-    return fn, (keys, hp), config.num_updates * config.batch_size, returns
+    return fn, (keys, hp, cfg["LR"]), config.num_updates * config.batch_size, returns
 
 
 def _load_module(name, path):

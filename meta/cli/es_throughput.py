@@ -75,16 +75,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from meta.report import write_json
 
     rule = registry.make_rule(a.rule)
-    env, env_params, cfg, hp = inner_setup(a.env, int(a.timesteps))
+    env, env_params, cfg, hp, lr = inner_setup(a.env, int(a.timesteps))
     meta_params = rule.init_meta_params(jax.random.key(0))
     agent = make_ppo(cfg, env, env_params, rule.make_optimizer(meta_params))
-    single = jax.jit(agent.train).lower(jax.random.key(0), hp).compile()
+    single = jax.jit(agent.train).lower(jax.random.key(0), hp, lr).compile()
     single_steps = cfg.num_updates * cfg.batch_size
-    jax.block_until_ready(single(jax.random.key(0), hp))
+    jax.block_until_ready(single(jax.random.key(0), hp, lr))
 
     def time_single():
         t = time.perf_counter()
-        jax.block_until_ready(single(jax.random.key(1), hp))
+        jax.block_until_ready(single(jax.random.key(1), hp, lr))
         return single_steps / (time.perf_counter() - t)
 
     rows = []

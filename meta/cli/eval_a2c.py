@@ -75,8 +75,8 @@ def main(argv=None) -> int:
         for spec in specs:
             lr = explicit_learning_rate(spec) or args.lr
             t0 = time.perf_counter()
-            res = train_a2c_seeds(name, spec, config, A2CHParams.default(lr=lr, gamma=args.gamma), args.seeds,
-                                  seed=args.seed)
+            res = train_a2c_seeds(name, spec, config, A2CHParams.default(gamma=args.gamma), args.seeds,
+                                  seed=args.seed, learning_rate=lr)
             res["seconds"] = time.perf_counter() - t0
             res.pop("curves")
             res.pop("steps")

@@ -55,11 +55,12 @@ def parse_args(argv=None):
 def build(env_name, spec, seeds, updates, **overrides):
     """A compiled, warmed-up ``vmap`` of ``updates`` PPO iterations over
     ``seeds`` agents with ``spec``, and its timing record."""
-    config, hp = resolve_config(env_name, **overrides)
+    config, hp, preset_lr = resolve_config(env_name, **overrides)
     env, env_params = envs.make(env_name)
     agent = make_ppo(config, env, env_params, learned_optim.from_spec(spec))
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,)), PPOHParams.default(**hp))
-    state = jax.jit(jax.vmap(agent.init))(jax.random.split(jax.random.key(0), seeds), hp)
+    state = jax.jit(jax.vmap(agent.init, in_axes=(0, 0, None)))(
+        jax.random.split(jax.random.key(0), seeds), hp, preset_lr)
     t0 = time.perf_counter()
     run = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1).lower(state, updates).compile()
     compile_s = time.perf_counter() - t0

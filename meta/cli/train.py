@@ -17,7 +17,7 @@ import sys
 import envs
 import learned_optim
 from agents.presets import resolve_config
-from meta.experiment import hparams_for_spec, train_seeds
+from meta.experiment import learning_rate_for, train_seeds
 from meta.report import plot_curves, write_curve_csv, write_json
 
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base PRNG seed")
     p.add_argument("--timesteps", type=float, default=None, help="env steps per seed (default: the preset's: 5e5 classic, 1e7 MinAtar)")
     p.add_argument("--preset", default=None, help="PPO preset: classic, minatar, brax, gridworld (default: by env)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the spec's lr=, else the env preset's); PPO writes it into the optimizer's injected learning_rate")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the spec's lr=, else the env preset's for Adam, else the optimizer's own); written into the optimizer's injected learning_rate")
     p.add_argument("--ent-coef", type=float, default=None)
     p.add_argument("--clip-eps", type=float, default=None)
     p.add_argument("--gamma", type=float, default=None)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         if timesteps is not None and timesteps <= 0:
             raise ValueError(f"--timesteps must be positive, got {args.timesteps:g}")
         hidden = tuple(int(h) for h in args.hidden.split(",")) if args.hidden else None
-        config, hparams = resolve_config(
+        config, hparams, preset_lr = resolve_config(
             args.env, args.preset,
             total_timesteps=int(timesteps) if timesteps is not None else None,
             num_envs=args.num_envs, num_steps=args.num_steps, update_epochs=args.epochs,
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             ent_coef=args.ent_coef, clip_eps=args.clip_eps, gamma=args.gamma,
             gae_lambda=args.gae_lambda, vf_coef=args.vf_coef, curvature_batch_size=args.curvature_batch_size,
         )
-        hparams = hparams_for_spec(hparams, args.optimizer, args.lr)
+        lr = learning_rate_for(args.optimizer, preset_lr, args.lr)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     except ValueError as e:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         flush=True,
     )
     result = train_seeds(args.env, args.optimizer, config, hparams, args.seeds, args.seed,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), learning_rate=lr)
     write_json(os.path.join(out, "results.json"), result)
     write_curve_csv(os.path.join(out, "curve.csv"), result["steps"], result["curves"])
     plot_curves(

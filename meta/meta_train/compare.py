@@ -21,8 +21,8 @@ def measure_references(config, log):
 
     refs = []
     for name in config.envs:
-        cfg, hp = resolve_config(name, total_timesteps=config.timesteps)
-        res = train_seeds(name, "adam", cfg, hp, config.seeds, seed=config.seed + 10_000, log=None)
+        cfg, hp, lr = resolve_config(name, total_timesteps=config.timesteps)
+        res = train_seeds(name, "adam", cfg, hp, config.seeds, seed=config.seed + 10_000, log=None, learning_rate=lr)
         refs.append(res["final_return_mean"])
         log(f"reference return of Adam on {name}: {refs[-1]:.2f} ({config.seeds} seeds, {config.timesteps:,d} steps)")
     return refs
@@ -30,16 +30,17 @@ def measure_references(config, log):
 
 def compare_with_adam(out, config, seeds, say):
     """Learned optimizer (ES mean, ``out/optimizer``) vs Adam on the training
-    envs, fresh PPO agents with the settings of meta-training, same seeds."""
+    envs, fresh PPO agents with the settings of meta-training (the env preset's
+    learning rate for both, as in meta-training), same seeds."""
     from agents.presets import resolve_config
     from meta.experiment import train_seeds
 
     results, curves = [], {}
     spec_lopt = "lopt:" + os.path.join(out, "optimizer")
     for name in config.envs:
-        cfg, hp = resolve_config(name, total_timesteps=config.timesteps)
+        cfg, hp, lr = resolve_config(name, total_timesteps=config.timesteps)
         for spec, label in (("adam", "adam"), (spec_lopt, "learned (ES mean)")):
-            res = train_seeds(name, spec, cfg, hp, seeds, seed=config.seed + 20_000, log=None)
+            res = train_seeds(name, spec, cfg, hp, seeds, seed=config.seed + 20_000, log=None, learning_rate=lr)
             _collect(results, curves, name, label, res, say)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# Learned optimizer vs Adam\n\n{seeds} seeds, {config.timesteps:,d} env steps per agent, "
@@ -61,7 +62,8 @@ def compare_a2c_with_adam(out, plan: Plan, say):
     learned = "learned" if plan.mode == "metagrad" else "learned (ES mean)"
     for name in plan.envs:
         for spec, label in (("adam", "adam"), ("lopt:" + os.path.join(out, "optimizer"), learned)):
-            res = train_a2c_seeds(name, spec, a2c, plan.hparams, seeds, seed=plan.run.seed + 20_000)
+            res = train_a2c_seeds(name, spec, a2c, plan.hparams, seeds, seed=plan.run.seed + 20_000,
+                                  learning_rate=plan.learning_rate)
             _collect(results, curves, name, label, res, say)
     pc = plan.pipeline
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -70,7 +72,7 @@ def compare_a2c_with_adam(out, plan: Plan, say):
                 f"{'on (staggered)' if pc.staggered else 'off (all units reset together)'}, "
                 f"{options.generations} outer steps.\n\nA2C ({a2c.num_envs} envs x {a2c.num_steps} steps, hidden "
                 f"{a2c.hidden_sizes}), {seeds} seeds, {steps:,d} env steps per agent, agent lr "
-                f"{float(plan.hparams.lr):g} for both"
+                f"{float(plan.learning_rate):g} for both"
                 + (", meta-trained with scaled rewards, compared on the raw rewards" if plan.env_overrides else "")
                 + ".\n\n" + "\n".join(comparison_table(results)) + "\n")
     plot_curves(os.path.join(out, "comparison.png"), curves, title="learned optimizer vs Adam (A2C)")

@@ -54,7 +54,7 @@ def es_driver(plan: Plan, refs) -> Driver:
         from meta.pipeline_es import unit_evaluation
 
         evaluation = unit_evaluation(config, plan.rule, plan.pipeline_es, plan.a2c, plan.hparams,
-                                     plan.env_overrides)
+                                     plan.env_overrides, plan.learning_rate)
         pc = plan.pipeline_es.pipeline
         what = (f"{pc.num_units} pipeline units x {len(config.envs)} env(s) {list(config.envs)}, "
                 f"window {plan.pipeline_es.window} A2C updates, reset every {pc.reset_interval} generations "
@@ -111,7 +111,7 @@ def metagrad_driver(plan: Plan) -> Driver:
 
     cfg, options = plan.metagrad, plan.options
     trainer = make_metagrad(cfg, plan.rule, [envs.make(n, **plan.env_overrides.get(n, {})) for n in plan.envs],
-                            plan.a2c, plan.hparams)
+                            plan.a2c, plan.hparams, plan.learning_rate)
     n_env = len(plan.envs)
     steps = n_env * cfg.pipeline.num_units * (cfg.num_inner + 1) * plan.a2c.batch_size
     step_jit = jax.jit(trainer.step)

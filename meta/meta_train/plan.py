@@ -158,6 +158,7 @@ class Plan(NamedTuple):
     metagrad: Any = None  # meta.metagrad.MetaGradConfig
     a2c: Any = None  # agents.a2c.A2CConfig of the units (total_timesteps = one unit lifetime)
     hparams: Any = None  # agents.a2c.A2CHParams
+    learning_rate: Any = None  # the units' agent learning rate (--agent-lr), written into their optimizer state
     env_overrides: Any = None  # env name -> envs.make overrides for meta-training (pipeline modes)
 
     @property
@@ -237,7 +238,7 @@ def _pipeline_plan(options, names):
     rollouts = options.inner_steps + (options.MODE == "metagrad")
     a2c = A2CConfig(num_envs=options.num_envs, num_steps=options.num_steps, hidden_sizes=(options.hidden,))
     a2c = dataclasses.replace(a2c, total_timesteps=lifetime_env_steps(options.reset_interval, rollouts, a2c))
-    out = dict(a2c=a2c, hparams=A2CHParams.default(lr=options.agent_lr, gamma=options.gamma),
+    out = dict(a2c=a2c, hparams=A2CHParams.default(gamma=options.gamma), learning_rate=options.agent_lr,
                env_overrides=_env_overrides(options.scale_rewards, names))
     if options.MODE == "metagrad":
         out["metagrad"] = MetaGradConfig(num_inner=options.inner_steps, meta_lr=options.meta_lr,
@@ -273,7 +274,8 @@ def plan_document(plan: Plan) -> Dict[str, Any]:
     if plan.mode == "es":
         return json.loads(json.dumps(dict(_es_document(plan.es), rule=rule)))
     d = dict(method=plan.mode, rule=rule, envs=list(plan.envs), a2c=dataclasses.asdict(plan.a2c),
-             hparams={k: float(v) for k, v in plan.hparams._asdict().items()})
+             hparams=dict(lr=float(plan.learning_rate),
+                          **{k: float(v) for k, v in plan.hparams._asdict().items()}))
     if plan.env_overrides:  # only when set, so checkpoints of earlier runs still resume
         d["env_overrides"] = plan.env_overrides
     if plan.mode == "metagrad":

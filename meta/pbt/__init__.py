@@ -5,7 +5,8 @@ One round = ``interval`` updates of every member (vmapped) + selection, pure
 and jitted; a thin host loop drives rounds. Modules, bottom to top:
 
 * ``space``: tuned hyperparameters (``HParamSpace``, ``PPO_SPACE``,
-  ``TD3_SPACE``), unit/log coordinates, prior sampling.
+  ``TD3_SPACE``; ``"lr"`` is the optimizer's injected learning rate),
+  unit/log coordinates, prior sampling, reading and writing them in states.
 * ``exploit``: fitness and who copies from whom (``truncation_select``,
   ``ttest_select``, ``tournament_select``); bad members always replaced.
 * ``explore``: ``perturb`` and ``resample_or_perturb``.
@@ -31,14 +32,14 @@ from meta.pbt.population import AGENT_KINDS, Group, MemberAgent, make_member_age
 from meta.pbt.program import PBT, PBTConfig, PBTState, make_pbt, population_shardings
 from meta.pbt.run import run_pbt
 from meta.pbt.select import ALGORITHMS, ALGOS, EXPLOIT_RULES, EXPLOITS, EXPLORE_RULES, EXPLORES
-from meta.pbt.space import (PPO_SPACE, SCALES, TD3_SPACE, HParamSpace, from_unit, hp_matrix, hp_with_matrix,
-                            sample_prior, to_unit)
+from meta.pbt.space import (LEARNING_RATE, PPO_SPACE, SCALES, TD3_SPACE, HParamSpace, from_unit, member_matrix,
+                            sample_prior, to_unit, with_member_matrix)
 
 __all__ = [
     "AGENT_KINDS", "ALGORITHMS", "ALGOS", "EXPLOITS", "EXPLOIT_RULES", "EXPLORES", "EXPLORE_RULES", "Group",
     "HParamSpace", "MemberAgent", "PB2Data", "PBT", "PBTConfig", "PBTState", "PPO_SPACE", "SCALES", "TD3_SPACE",
-    "from_unit", "gpbt_pairs", "gpbt_pl_update", "hp_matrix", "hp_with_matrix", "make_member_agents", "make_pbt",
+    "LEARNING_RATE", "from_unit", "gpbt_pairs", "gpbt_pl_update", "make_member_agents", "make_pbt", "member_matrix",
     "member_fitness", "parse_groups", "pb2_empty", "pb2_propose", "pb2_record", "perturb", "population_shardings",
     "resample_or_perturb", "run_pbt", "sample_prior", "td3_available", "to_unit", "tournament_select",
-    "truncation_count", "truncation_select", "ttest_select", "tv_kernel", "welch_t_pvalue",
+    "truncation_count", "truncation_select", "ttest_select", "tv_kernel", "welch_t_pvalue", "with_member_matrix",
 ]

@@ -5,16 +5,18 @@ spec with its own stacked agent state (its optimizer state structure stays
 fixed). ``make_member_agents`` builds one ``MemberAgent`` per group for PPO
 or TD3, and each group's tuned space: a group's learning-rate bounds are its
 optimizer's (``learned_optim.registry.info(spec).lr_bounds``; K-FAC wants
-larger steps than Adam).
+larger steps than Adam). Members start at the env preset's learning rate
+(written into their optimizer state by ``init``; a tuned ``"lr"`` replaces it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
-from meta.pbt.space import PPO_SPACE, TD3_SPACE
+from meta.pbt.space import LEARNING_RATE, PPO_SPACE, TD3_SPACE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +63,11 @@ class MemberAgent(NamedTuple):
 
     ``init(key, hparams) -> state``; ``run(state, n) -> (state, metrics)``
     with ``metrics["episode_return"] [n]``; ``state`` has ``params``,
-    ``opt_state`` and ``hparams`` (a NamedTuple of float arrays) and
-    ``.replace``; ``init_opt(params) -> opt_state`` re-initialises the
-    optimizer (used when a member copies from another optimizer kind).
+    ``opt_state`` (with an injected ``learning_rate`` where ``"lr"`` is
+    tuned) and ``hparams`` (a NamedTuple of float arrays) and ``.replace``;
+    ``init_opt(params) -> opt_state`` re-initialises the optimizer (used when
+    a member copies from another optimizer kind; PBT then writes the
+    learning rate).
     ``copy_fields`` are the state fields copied on exploit (e.g. target
     networks of TD3 besides ``params``). ``steps_per_update``: env steps of
     one update (for reporting)."""
@@ -89,12 +93,13 @@ def _ppo_agents(env_name, env, env_params, txs, timesteps, **overrides):
     from agents.ppo import PPOHParams, make_ppo
     from agents.presets import resolve_config
 
-    cfg, hp = resolve_config(env_name, total_timesteps=int(timesteps), anneal_lr=False, **overrides)
+    cfg, hp, lr = resolve_config(env_name, total_timesteps=int(timesteps), anneal_lr=False, **overrides)
     agents = []
     for tx in txs:
         agent = make_ppo(cfg, env, env_params, tx)
-        agents.append(MemberAgent(agent.init, agent.run, agent.tx.init, cfg.batch_size))
-    return agents, PPOHParams.default(**hp), PPO_SPACE, cfg.batch_size, cfg.num_updates
+        agents.append(MemberAgent(functools.partial(agent.init, learning_rate=lr), agent.run, agent.tx.init,
+                                  cfg.batch_size))
+    return agents, PPOHParams.default(**hp), cfg.batch_size, cfg.num_updates
 
 
 def _td3_agents(env_name, env, env_params, txs, timesteps, **overrides):
@@ -108,18 +113,20 @@ def _td3_agents(env_name, env, env_params, txs, timesteps, **overrides):
     from agents import td3
     from agents.presets import resolve_config
 
-    cfg, hp = resolve_config(env_name, agent="td3", total_timesteps=int(timesteps), **overrides)
+    cfg, hp, lr = resolve_config(env_name, agent="td3", total_timesteps=int(timesteps), **overrides)
     agents = []
     for tx in txs:
         agent = td3.make_td3(cfg, env, env_params, tx)
-        agents.append(MemberAgent(agent.init, agent.run, agent.init_opt, cfg.steps_per_update,
+        agents.append(MemberAgent(functools.partial(agent.init, learning_rate=lr), agent.run, agent.init_opt,
+                                  cfg.steps_per_update,
                                   ("params", "opt_state", "hparams") + tuple(agent.pbt_copy_fields)))
-    return agents, td3.TD3HParams.default(**hp), TD3_SPACE, cfg.steps_per_update, cfg.num_updates
+    return agents, td3.TD3HParams.default(**hp), cfg.steps_per_update, cfg.num_updates
 
 
 # agent kind -> builder ``(env_name, env, env_params, txs, timesteps, **overrides)
-# -> (agents, base_hparams, space, steps_per_update, num_updates)``
+# -> (agents, base_hparams, steps_per_update, num_updates)``, and its tuned space
 _BUILDERS: dict = {"ppo": _ppo_agents, "td3": _td3_agents}
+_SPACES = {"ppo": PPO_SPACE, "td3": TD3_SPACE}
 AGENT_KINDS = tuple(_BUILDERS)
 
 
@@ -136,11 +143,17 @@ def make_member_agents(agent_kind: str, env_name: str, groups: Sequence[Group], 
     if agent_kind not in AGENT_KINDS:
         raise ValueError(f"--agent {agent_kind!r}; allowed: {', '.join(AGENT_KINDS)}")
     txs = [learned_optim.from_spec(g.spec) for g in groups]  # bad specs fail before the env is built
-    env, env_params = envs.make(env_name)
-    agents, base, base_space, steps_per_update, num_updates = _BUILDERS[agent_kind](
-        env_name, env, env_params, txs, timesteps, **overrides)
+    base_space = _SPACES[agent_kind]
     if space_names:
         base_space = base_space.restrict(space_names)
-    spaces = tuple(base_space.with_bounds("lr", *registry.info(g.spec).lr_bounds) if "lr" in base_space.names
-                   else base_space for g in groups)
+    if LEARNING_RATE in base_space.names:
+        for g in groups:
+            if registry.info(g.spec).default_lr is None:
+                raise ValueError(f"--optimizers {g.spec!r} has no injected learning rate to tune; "
+                                 "leave lr out of --tune")
+    env, env_params = envs.make(env_name)
+    agents, base, steps_per_update, num_updates = _BUILDERS[agent_kind](
+        env_name, env, env_params, txs, timesteps, **overrides)
+    spaces = tuple(base_space.with_bounds(LEARNING_RATE, *registry.info(g.spec).lr_bounds)
+                   if LEARNING_RATE in base_space.names else base_space for g in groups)
     return agents, spaces, base, steps_per_update, num_updates

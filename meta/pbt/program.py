@@ -3,9 +3,10 @@
 A population is stacked along a leading member axis ``[P, ...]`` (per group,
 ``population``). One *round* is ``interval`` agent updates of every member
 (``jax.vmap(agent.run)``) followed by a selection step; both are pure and run
-inside one ``jax.jit``. Hyperparameters are arrays in ``state.hparams`` (e.g.
-``PPOHParams``; PPO writes ``hparams.lr`` into the optimizer's injected
-``learning_rate`` every step), so changing them never recompiles.
+inside one ``jax.jit``. Tuned hyperparameters are arrays: fields of
+``state.hparams`` (e.g. ``PPOHParams``) and ``"lr"``, the optimizer's injected
+``learning_rate`` in ``state.opt_state`` (``space.member_matrix`` reads them,
+``space.with_member_matrix`` writes them), so changing them never recompiles.
 
 Mixed-optimizer populations: trace-time Python loops run over groups, never
 over members. Exploit copies parameters and hyperparameters across groups;
@@ -32,7 +33,8 @@ from meta.pbt.exploit import member_fitness
 from meta.pbt.pb2 import PB2Data, pb2_empty
 from meta.pbt.population import Group, MemberAgent
 from meta.pbt.select import ALGORITHMS, ALGOS, EXPLOITS, EXPLORES, Round
-from meta.pbt.space import HParamSpace, from_unit, hp_matrix, hp_with_matrix, sample_prior, to_unit
+from meta.pbt.space import (LEARNING_RATE, HParamSpace, from_unit, member_matrix, sample_prior, to_unit,
+                            with_member_matrix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ class PBT(NamedTuple):
     hparams_matrix: Callable[[PBTState], jax.Array]
     groups: Tuple[Group, ...]
     spaces: Tuple[HParamSpace, ...]
-    hparam_fields: Tuple[str, ...]
+    hparam_fields: Tuple[str, ...]  # the agent's hparams fields (the learning rate is not one)
 
 
 def _concat(trees):
@@ -125,8 +127,9 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
 
     ``agents[g]`` / ``groups[g]`` / ``spaces[g]``: the agent, optimizer group
     and tuned space of each group (spaces share names and scales; bounds may
-    differ). ``base_hparams``: the agent's hparams NamedTuple (scalars) with
-    the values of the untuned fields. Initial tuned values are drawn from the
+    differ; ``"lr"`` is the optimizer's injected learning rate).
+    ``base_hparams``: the agent's hparams NamedTuple (scalars) with the values
+    of the untuned fields. Initial tuned values are drawn from the
     prior (the same draw for every ``algo`` with the same seed, so ``fixed``
     is the matching baseline).
     """
@@ -137,10 +140,10 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
     for s in spaces:
         if s.names != names or s.scale != spaces[0].scale:
             raise ValueError("make_pbt: every group must tune the same hyperparameters with the same scales")
-    missing = [n for n in names if n not in base_hparams._fields]
+    missing = [n for n in names if n not in base_hparams._fields and n != LEARNING_RATE]
     if missing:
         raise ValueError(f"tuned hyperparameter(s) {missing} are not fields of {type(base_hparams).__name__}; "
-                         f"allowed: {', '.join(base_hparams._fields)}")
+                         f"allowed: {', '.join((LEARNING_RATE,) + base_hparams._fields)}")
     sizes = [g.size for g in groups]
     p = sum(sizes)
     if p < 2 and config.algo != "fixed":
@@ -155,7 +158,7 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
     interval = config.interval
 
     def hparams_matrix(state: PBTState) -> jax.Array:
-        return jnp.concatenate([hp_matrix(m.hparams, names) for m in state.members])
+        return jnp.concatenate([member_matrix(m, names) for m in state.members])
 
     def init(key) -> PBTState:
         k_hp, k_members, k_run = jax.random.split(key, 3)
@@ -164,9 +167,8 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
         for g, agent in enumerate(agents):
             sl = slice(offsets[g], offsets[g + 1])
             hp = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (sizes[g],)), base_hparams)
-            hp = hp_with_matrix(hp, names, tuned[sl])
             keys = jax.random.split(jax.random.fold_in(k_members, g), sizes[g])
-            members.append(jax.vmap(agent.init)(keys, hp))
+            members.append(with_member_matrix(jax.vmap(agent.init)(keys, hp), names, tuned[sl]))
         return PBTState(
             members=tuple(members),
             returns_buf=jnp.zeros((p, config.window), jnp.float32),
@@ -193,8 +195,10 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
     def copy_members(members, src):
         """Every member takes ``copy_fields`` of member ``src`` (global
         indices); optimizer states are copied within a kind, re-initialised
-        across kinds; tuned hparams crossing groups keep their unit position."""
+        across kinds; tuned values (the learning rate with the hparams)
+        crossing groups keep their unit position."""
         out = []
+        h_all = jnp.concatenate([member_matrix(mm, names) for mm in members])
         for g, (agent, m) in enumerate(zip(agents, members)):
             sl = slice(offsets[g], offsets[g + 1])
             s_g = src[sl]
@@ -203,12 +207,13 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
                 if f in ("opt_state", "hparams"):
                     continue
                 new[f] = _take(_concat([getattr(mm, f) for mm in members]), s_g)
+            h_g = h_all[sl]  # without "hparams" in copy_fields a member keeps its own tuned values
             if "hparams" in agent.copy_fields:
-                hp = _take(_concat([mm.hparams for mm in members]), s_g)
-                h_src, h_dst_low, h_dst_high = hp_matrix(hp, names), low[sl], high[sl]
+                new["hparams"] = _take(_concat([mm.hparams for mm in members]), s_g)
+                h_src, h_dst_low, h_dst_high = h_all[s_g], low[sl], high[sl]
                 same = jnp.all((low[s_g] == h_dst_low) & (high[s_g] == h_dst_high), -1, keepdims=True)
                 mapped = from_unit(to_unit(h_src, low[s_g], high[s_g], codes), h_dst_low, h_dst_high, codes)
-                new["hparams"] = hp_with_matrix(hp, names, jnp.where(same, h_src, mapped))
+                h_g = jnp.where(same, h_src, mapped)
             if "opt_state" in agent.copy_fields:
                 params = new.get("params", m.params)
                 opt = jax.vmap(agent.init_opt)(params)
@@ -221,7 +226,7 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
                     opt = jax.tree.map(
                         lambda c, o: jnp.where(from_s.reshape((-1,) + (1,) * (c.ndim - 1)), c, o), cand, opt)
                 new["opt_state"] = opt
-            out.append(m.replace(**new))
+            out.append(with_member_matrix(m.replace(**new), names, h_g))
         return tuple(out)
 
     algorithm = ALGORITHMS[config.algo]
@@ -239,12 +244,9 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
         src = choice.src
         replaced = src != jnp.arange(p, dtype=jnp.int32)
         members = copy_members(state.members, src)
-        h_copied = jnp.concatenate([hp_matrix(m.hparams, names) for m in members])
+        h_copied = jnp.concatenate([member_matrix(m, names) for m in members])
         h_new = jnp.where(replaced[:, None], algorithm.explore(k_exp, config, rnd, choice, h_copied), h_copied)
-        members = tuple(
-            m.replace(hparams=hp_with_matrix(m.hparams, names, h_new[offsets[g]:offsets[g + 1]]))
-            for g, m in enumerate(members)
-        )
+        members = tuple(with_member_matrix(m, names, h_new[offsets[g]:offsets[g + 1]]) for g, m in enumerate(members))
         new_state = state.replace(
             members=members,
             returns_buf=state.returns_buf[src],

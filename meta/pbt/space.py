@@ -8,6 +8,11 @@ between the transformed bounds; priors are uniform in ``u`` (log-uniform for
 in the transformed value, the GPBT-PL rule in ``u`` is exactly the rule in log
 space for log-scale hyperparameters.
 
+The tuned ``"lr"`` (``LEARNING_RATE``) is the optimizer's injected learning
+rate in each member's ``opt_state`` (read and written with
+``agents.core.learning_rate`` / ``with_learning_rate``); every other tuned
+name is a field of the member's ``hparams``.
+
 Arrays: ``h [P, H]`` natural values of ``P`` members and ``H`` tuned
 hyperparameters; ``low``, ``high`` ``[H]`` or ``[P, H]``; ``codes [H]`` int32
 indices into ``SCALES``.
@@ -22,15 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agents import core
+
+LEARNING_RATE = "lr"  # the tuned name of the optimizer's injected learning rate
 SCALES = ("linear", "log", "log1m")
 _TINY = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
 class HParamSpace:
-    """Names, bounds and scales of the tuned hyperparameters (fields of the
-    agent's hparams NamedTuple; fields not named here are copied, never
-    explored)."""
+    """Names, bounds and scales of the tuned hyperparameters (``"lr"``, the
+    optimizer's learning rate, and fields of the agent's hparams NamedTuple;
+    fields not named here are copied, never explored)."""
 
     names: Tuple[str, ...]
     low: Tuple[float, ...]
@@ -133,16 +141,35 @@ def from_unit(u, low, high, codes):
     return jnp.clip(h, low, high)
 
 
-def hp_matrix(hparams, names: Sequence[str]) -> jax.Array:
-    """NamedTuple of ``[P]`` arrays -> ``[P, H]`` float32 (columns ``names``)."""
-    return jnp.stack([jnp.asarray(getattr(hparams, n), jnp.float32) for n in names], axis=-1)
+def member_matrix(states, names: Sequence[str]) -> jax.Array:
+    """Stacked member states (leaves ``[P, ...]``) -> their tuned values
+    ``[P, H]`` float32 (columns ``names``). No injected learning rate where
+    ``"lr"`` is tuned -> ``ValueError`` (at trace time)."""
+    columns = []
+    for n in names:
+        if n == LEARNING_RATE:
+            lr = core.learning_rate(states)
+            if lr is None:
+                raise ValueError("'lr' is tuned but the optimizer has no injected learning rate; "
+                                 "tune without it (--tune ...)")
+            columns.append(lr)
+        else:
+            columns.append(getattr(states.hparams, n))
+    return jnp.stack([jnp.asarray(c, jnp.float32) for c in columns], axis=-1)
 
 
-def hp_with_matrix(hparams, names: Sequence[str], mat: jax.Array):
-    """``hparams`` with the columns of ``mat [P, H]`` written to ``names`` (dtypes kept)."""
-    return hparams._replace(**{
-        n: mat[..., i].astype(jnp.asarray(getattr(hparams, n)).dtype) for i, n in enumerate(names)
-    })
+def with_member_matrix(states, names: Sequence[str], mat: jax.Array):
+    """Stacked member states with the columns of ``mat [P, H]`` written to
+    ``names``: hparams fields (dtypes kept) and the learning rate (into every
+    optimizer state of each member)."""
+    hparams = states.hparams
+    states = states.replace(hparams=hparams._replace(**{
+        n: mat[..., i].astype(jnp.asarray(getattr(hparams, n)).dtype)
+        for i, n in enumerate(names) if n != LEARNING_RATE
+    }))
+    if LEARNING_RATE in names:
+        states = jax.vmap(core.with_learning_rate)(states, mat[..., list(names).index(LEARNING_RATE)])
+    return states
 
 
 def sample_prior(key, shape, low, high, codes):
