@@ -45,6 +45,7 @@ class A2CConfig(core.OnPolicyConfig):
     hidden_sizes: Tuple[int, ...] = (64, 64)
     activation: str = "relu"
     max_grad_norm: float = 0.0  # 0 = no global-norm clipping in front of the optimizer
+    grad_clip: float = 0.0  # > 0: every gradient element clipped to [-grad_clip, grad_clip] first (Optim4RL)
     normalize_advantages: bool = False
     # Rows of each rollout (num_envs * num_steps) used for curvature statistics; 0 = all.
     curvature_batch_size: int = 0
@@ -76,7 +77,7 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
     ac = core.make_actor_critic(config, env, env_params)
 
     def wrap_tx(t):
-        return core.with_clipping(t, config.max_grad_norm)
+        return core.with_clipping(t, config.max_grad_norm, config.grad_clip)
 
     full_tx = wrap_tx(tx)
     stats_needed, uses_lr = core.optimizer_needs(full_tx, jax.eval_shape(ac.init_params, jax.random.key(0)))

@@ -130,6 +130,8 @@ def check_network(config) -> None:
         raise ValueError(f"{who}.activation={config.activation!r}; allowed: {sorted(networks.ACTIVATIONS)}")
     if not config.max_grad_norm >= 0:
         raise ValueError(f"{who}.max_grad_norm must be >= 0 (0 = no clipping), got {config.max_grad_norm!r}")
+    if not getattr(config, "grad_clip", 0.0) >= 0:
+        raise ValueError(f"{who}.grad_clip must be >= 0 (0 = no clipping), got {config.grad_clip!r}")
     rows = getattr(config, "curvature_batch_size", 0)
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"{who}.curvature_batch_size must be an integer >= 0 (0 = all rows), got {rows!r}")
@@ -226,9 +228,12 @@ def make_actor_critic(config, env, env_params) -> ActorCritic:
 # The injected optimizer ---------------------------------------------------------------------
 
 
-def with_clipping(tx: optax.GradientTransformation, max_grad_norm: float):
-    """``clip_by_global_norm(max_grad_norm)`` chained in front of ``tx`` (0: ``tx`` itself)."""
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx) if max_grad_norm > 0 else tx
+def with_clipping(tx: optax.GradientTransformation, max_grad_norm: float, grad_clip: float = 0.0):
+    """``tx`` with ``clip_by_global_norm(max_grad_norm)`` and elementwise
+    ``clip(grad_clip)`` chained in front (each only where > 0)."""
+    front = ([optax.clip(grad_clip)] if grad_clip > 0 else []) + (
+        [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else [])
+    return optax.chain(*front, tx) if front else tx
 
 
 def optimizer_needs(tx: optax.GradientTransformation, *param_shapes) -> Tuple[frozenset, bool]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from agents import core, losses
-from envs.wrappers import NormalizeObservation, VecEnv
+from envs.wrappers import NormalizeObservation, NormalizeReward, VecEnv
 from learned_optim.context import any_member
 
 
@@ -50,6 +50,11 @@ class PPOConfig(core.OnPolicyConfig):
     max_grad_norm: float = 0.5  # 0 = no global-norm clipping in front of the optimizer
     anneal_lr: bool = False
     normalize_obs: bool = False
+    # Rewards divided by the running std of the discounted return (purejaxrl's
+    # NormalizeVecReward, on for Brax); its discount is reward_norm_gamma, fixed
+    # at build time (purejaxrl: the agent's GAMMA; ours may vary per member).
+    normalize_rewards: bool = False
+    reward_norm_gamma: float = 0.99
     normalize_advantages: bool = True
     clip_value: bool = True
     # Rows of each minibatch used for curvature statistics (layer inputs and
@@ -60,6 +65,8 @@ class PPOConfig(core.OnPolicyConfig):
     def __post_init__(self):
         super().__post_init__()
         core.check_positive_ints(self, "update_epochs", "num_minibatches")
+        if not 0.0 <= self.reward_norm_gamma <= 1.0:
+            raise ValueError(f"PPOConfig.reward_norm_gamma must be in [0, 1], got {self.reward_norm_gamma!r}")
         if self.batch_size % self.num_minibatches:
             raise ValueError(
                 f"PPOConfig: batch num_envs * num_steps = {self.batch_size} does not divide into "
@@ -90,6 +97,8 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
     vec_env = VecEnv(env, config.num_envs)
     if config.normalize_obs:
         vec_env = NormalizeObservation(vec_env)
+    if config.normalize_rewards:
+        vec_env = NormalizeReward(vec_env, config.reward_norm_gamma)
     ac = core.make_actor_critic(config, env, env_params)
     full_tx = core.with_clipping(tx, config.max_grad_norm)
     stats_needed, uses_lr = core.optimizer_needs(full_tx, jax.eval_shape(ac.init_params, jax.random.key(0)))

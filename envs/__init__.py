@@ -15,7 +15,7 @@ constructor (Brax ``backend``, gridworld ``horizon``).
 import runtime  # noqa: F401  (safe XLA flags before JAX starts)
 from envs.core import Env, Wrapper
 from envs.spaces import Box, Discrete
-from envs.wrappers import AutoReset, ClipAction, EpisodeStats, NormalizeObservation, VecEnv
+from envs.wrappers import AutoReset, ClipAction, EpisodeStats, NormalizeObservation, NormalizeReward, VecEnv
 from envs.gymnax_env import GYMNAX_ENVS
 
 BRAX_ENVS = (
@@ -96,6 +96,6 @@ def expand_suites(names) -> list:
 
 __all__ = [
     "Env", "Wrapper", "Box", "Discrete", "AutoReset", "ClipAction", "EpisodeStats",
-    "NormalizeObservation", "VecEnv", "make", "make_bare", "known_envs", "expand_suites",
+    "NormalizeObservation", "NormalizeReward", "VecEnv", "make", "make_bare", "known_envs", "expand_suites",
     "SUITES", "GYMNAX_ENVS", "BRAX_ENVS", "GRIDWORLD_ENVS",
 ]

@@ -1,10 +1,10 @@
 """Wrappers over the env API: episode statistics, auto-reset, action clipping,
-vectorisation and observation normalisation.
+vectorisation and observation and reward normalisation.
 
 Per-env wrappers keep their own state in a ``flax.struct`` dataclass around the
 inner state; ``VecEnv`` batches ``num_envs`` copies with ``jax.vmap``, and
-``NormalizeObservation`` (which shares running statistics across the batch,
-as purejaxrl and Brax do) works on a ``VecEnv``.
+``NormalizeObservation`` and ``NormalizeReward`` (which share running
+statistics across the batch, as purejaxrl and Brax do) work on a ``VecEnv``.
 """
 
 from __future__ import annotations
@@ -176,3 +176,45 @@ class NormalizeObservation(Wrapper):
             truncated,
             info,
         )
+
+
+@struct.dataclass
+class NormalizeRewardState:
+    env_state: Any
+    return_rms: RunningMeanStd  # statistics of the discounted return, shape []
+    returns: jax.Array  # [num_envs] discounted return so far of each env
+
+
+class NormalizeReward(Wrapper):
+    """Divides rewards of a ``VecEnv`` by the running standard deviation of the
+    discounted return, as purejaxrl's ``NormalizeVecReward`` (wrappers.py,
+    used by ppo_continuous_action.py on Brax) and gym's ``NormalizeReward`` do::
+
+        G <- G * gamma * (1 - done) + r;   r_out = r / sqrt(Var[G] + 1e-8)
+
+    with ``Var[G]`` updated from the batch of ``G`` at every step (no mean is
+    removed from rewards). ``done`` is ``terminated or truncated``. Episode
+    statistics (``EpisodeStats``, inside the ``VecEnv``) stay on the raw rewards."""
+
+    def __init__(self, env: VecEnv, gamma: float = 0.99):
+        if not isinstance(env, VecEnv) and not hasattr(env, "num_envs"):
+            raise ValueError("NormalizeReward wraps a VecEnv (it shares statistics over envs)")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"NormalizeReward: gamma must be in [0, 1], got {gamma!r}")
+        super().__init__(env)
+        self.gamma = float(gamma)
+
+    def reset(self, key, params):
+        obs, env_state = self._env.reset(key, params)
+        returns = jnp.zeros((obs.shape[0],), jnp.float32)
+        return obs, NormalizeRewardState(env_state, RunningMeanStd.create(()), returns)
+
+    def step(self, key, state, action, params):
+        obs, env_state, reward, terminated, truncated, info = self._env.step(
+            key, state.env_state, action, params
+        )
+        done = jnp.logical_or(terminated, truncated).astype(jnp.float32)
+        returns = state.returns * self.gamma * (1.0 - done) + reward
+        rms = state.return_rms.update(returns)
+        reward = reward / jnp.sqrt(rms.var + 1e-8)
+        return obs, NormalizeRewardState(env_state, rms, returns), reward, terminated, truncated, info

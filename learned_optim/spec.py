@@ -10,7 +10,7 @@ optimizers and builds them (``learned_optim.from_spec``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 _LR_ALIASES = {"lr": "learning_rate"}
 
@@ -77,6 +77,25 @@ def split_spec_list(text: str) -> Tuple[str, ...]:
         else:
             out.append(item)
     return tuple(out)
+
+
+def with_defaults(spec: str, defaults: Mapping[str, Mapping[str, float]]) -> str:
+    """``spec`` with the settings ``defaults[name]`` gives for its optimizer
+    added where the spec sets none: with ``{"adam": {"eps": 1e-5}}``,
+    ``"adam"`` -> ``"adam:eps=1e-05"``, ``"adam:lr=3e-3"`` ->
+    ``"adam:lr=3e-3,eps=1e-05"``, ``"adam:eps=1e-8"`` unchanged. Optimizers
+    ``defaults`` does not name, and path arguments (``open:PATH``), are
+    returned as they are."""
+    name, arg = split_spec(spec)
+    extra = defaults.get(name)
+    if not extra or ("=" not in arg and arg.strip()):
+        return spec.strip()
+    given = {_LR_ALIASES.get(k.strip(), k.strip()) for k, sep, _ in (i.partition("=") for i in arg.split(",")) if sep}
+    added = [f"{k}={v!r}" for k, v in extra.items() if k not in given]
+    if not added:
+        return spec.strip()
+    items = [i.strip() for i in arg.split(",") if i.strip()] + added
+    return f"{name}:{','.join(items)}"
 
 
 def explicit_learning_rate(spec: str):

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import envs
-import learned_optim
 from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
+from agents.presets import make_optimizer, optimizer_spec as agent_optimizer_spec
 from learned_optim import registry
 from learned_optim.spec import explicit_learning_rate
 from meta.host import chunk_sizes, fmt_eta, peak_memory_mb
@@ -61,7 +61,7 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, ke
     output. Returns the raw arrays (curves/counts/finite ``[M, U]``), timings
     and ``uses_lr``."""
     env, env_params = envs.make(env_name)
-    tx = learned_optim.from_spec(optimizer_spec)
+    tx = make_optimizer(optimizer_spec, "ppo")
     agent = make_ppo(config, env, env_params, tx)
     num_members = keys.shape[0]
 
@@ -141,6 +141,8 @@ def train_seeds(
     return {
         "env": env_name,
         "optimizer": optimizer_spec,
+        # the spec as built, with PPO's reference settings (agents.presets.OPTIMIZER_DEFAULTS)
+        "optimizer_as_built": agent_optimizer_spec(optimizer_spec, "ppo"),
         "seeds": num_seeds,
         "seed": seed,
         "timesteps_per_seed": config.num_updates * steps_per_update,
@@ -205,6 +207,7 @@ def train_lr_sweep(
     steps_per_update = config.batch_size
     return {
         "lrs": lrs,
+        "optimizer_as_built": agent_optimizer_spec(optimizer_spec, "ppo"),
         "seeds": num_seeds,
         "seed": seed,
         "key_stream": f"split(fold_in(key({seed}), {TUNING_STREAM}), {num_seeds})",

@@ -88,19 +88,20 @@ def train_a2c_seeds(env_name: str, optimizer_spec: str, a2c_config: A2CConfig, h
     ``[S, U]`` and their env steps; ``lr`` is the learning rate asked for,
     as the float32 the optimizer holds (None: none asked, the optimizer's own)."""
     import envs
-    import learned_optim
     from agents.ppo import final_return
+    from agents.presets import make_optimizer, optimizer_spec as agent_optimizer_spec
 
     if num_seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {num_seeds}")
     env, env_params = envs.make(env_name)
-    agent = make_a2c(a2c_config, env, env_params, learned_optim.from_spec(optimizer_spec))
+    agent = make_a2c(a2c_config, env, env_params, make_optimizer(optimizer_spec, "a2c"))
     keys = jax.random.split(jax.random.key(seed), num_seeds)
     _, m = jax.jit(jax.vmap(agent.train, (0, None, None)))(keys, hparams, learning_rate)
     m = jax.device_get(m)
     fr = np.asarray(final_return(m, 0.1), np.float64)
     steps = (np.arange(1, a2c_config.num_updates + 1) * a2c_config.batch_size).tolist()
-    return dict(env=env_name, optimizer=optimizer_spec, lr=None if learning_rate is None else float(np.float32(learning_rate)), seeds=num_seeds, seed=seed,
+    return dict(env=env_name, optimizer=optimizer_spec, optimizer_as_built=agent_optimizer_spec(optimizer_spec, "a2c"),
+                lr=None if learning_rate is None else float(np.float32(learning_rate)), seeds=num_seeds, seed=seed,
                 timesteps_per_seed=a2c_config.num_updates * a2c_config.batch_size,
                 config=dataclasses.asdict(a2c_config), final_return=fr.tolist(),
                 final_return_mean=float(fr.mean()),

@@ -1,12 +1,12 @@
-"""Throughput of our PPO beside purejaxrl's ``ppo.py``, measured in one run.
+"""Our PPO beside purejaxrl's ``ppo.py`` in one run: learning parity (final
+return of both at the same settings and seed count) and throughput.
 
 purejaxrl is a baseline a user would otherwise pick; its code is not part of
 this project. To run the comparison, get a checkout and distrax:
 
     git clone https://github.com/luchris429/purejaxrl /tmp/purejaxrl
-    pip install distrax
     python scripts/compare_purejaxrl.py --purejaxrl /tmp/purejaxrl/purejaxrl \
-        --env Breakout-MinAtar --timesteps 1e6 --seeds 1,8
+        --env Breakout-MinAtar --timesteps 2e6 --seeds 2
 
 purejaxrl targets gymnax 0.x, whose ``step`` returns five values; gymnax 1.x
 returns six. Instead of editing its files, this script hands purejaxrl a thin
@@ -14,9 +14,14 @@ shim over ``gymnax.make`` that merges ``terminated``/``truncated`` into the
 old ``done`` (dropping the info entries 1.x added, among them a copy of
 every final observation, which purejaxrl would keep for every step), and an
 empty stand-in for ``navix`` (imported by its
-wrappers.py for MiniGrid only); nothing else changes. Both sides use the same settings (OPEN
+wrappers.py for MiniGrid only), and, where distrax does not import (distrax
+0.1.x with the jax installed here), a stand-in for the one class ``ppo.py``
+uses, ``distrax.Categorical(logits=...)`` with ``sample(seed=)``,
+``log_prob`` and ``entropy`` (``categorical_stand_in``); nothing else changes. Both sides use the same settings (OPEN
 paper MinAtar PPO: 64 envs x 128 steps, 4 epochs x 8 minibatches, hidden 64
-relu, Adam eps 1e-5, lr 3e-3 annealed). Each measurement runs in its own
+relu, Adam eps 1e-5, lr 3e-3 annealed); ours is the plain ``adam`` spec, which
+PPO builds with eps 1e-5 (``agents.presets.OPTIMIZER_DEFAULTS``), so the run
+also checks that default. Each measurement runs in its own
 process so peak memory is its own; the order alternates ours/theirs.
 purejaxrl's ``ppo.py`` and ``wrappers.py`` are loaded from their files (as
 the modules ``ppo`` and ``wrappers`` of that measuring process).
@@ -47,8 +52,8 @@ def build_ours(cfg, n):
     import jax.numpy as jnp
 
     import envs
-    import learned_optim
     from agents.ppo import PPOConfig, PPOHParams, make_ppo
+    from agents.presets import make_optimizer
 
     env, params = envs.make(cfg["ENV_NAME"])
     config = PPOConfig(
@@ -56,7 +61,7 @@ def build_ours(cfg, n):
         update_epochs=cfg["UPDATE_EPOCHS"], num_minibatches=cfg["NUM_MINIBATCHES"], hidden_sizes=(64, 64),
         activation=cfg["ACTIVATION"], max_grad_norm=cfg["MAX_GRAD_NORM"], anneal_lr=cfg["ANNEAL_LR"],
     )
-    agent = make_ppo(config, env, params, learned_optim.from_spec("adam:eps=1e-5"))
+    agent = make_ppo(config, env, params, make_optimizer("adam", "ppo"))
     hp = PPOHParams.default(ent_coef=cfg["ENT_COEF"], clip_eps=cfg["CLIP_EPS"], gamma=cfg["GAMMA"],
                             gae_lambda=cfg["GAE_LAMBDA"], vf_coef=cfg["VF_COEF"])
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,)), hp)
@@ -80,6 +85,32 @@ def _load_module(name, path):
     return module
 
 
+def categorical_stand_in():
+    """A module ``distrax`` holding ``Categorical(logits=...)``: what purejaxrl's
+    ``ppo.py`` uses of distrax (``sample(seed=)``, ``log_prob``, ``entropy``),
+    with distrax's formulas (``jax.random.categorical`` on the logits, log-softmax)."""
+    import jax
+    import jax.numpy as jnp
+
+    class Categorical:
+        def __init__(self, logits):
+            self.logits = logits
+            self._log_p = jax.nn.log_softmax(logits, axis=-1)
+
+        def sample(self, seed):
+            return jax.random.categorical(seed, self.logits, axis=-1)
+
+        def log_prob(self, value):
+            return jnp.take_along_axis(self._log_p, value[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+        def entropy(self):
+            return -jnp.sum(jnp.exp(self._log_p) * self._log_p, axis=-1)
+
+    module = types.ModuleType("distrax")
+    module.Categorical = Categorical
+    return module
+
+
 def build_purejaxrl(cfg, n, path):
     import gymnax
     import jax
@@ -87,6 +118,10 @@ def build_purejaxrl(cfg, n, path):
 
     # purejaxrl's wrappers.py imports navix for its MiniGrid wrappers, unused here.
     sys.modules.setdefault("navix", types.ModuleType("navix"))
+    try:
+        import distrax  # noqa: F401
+    except Exception:  # distrax 0.1.x fails to import on recent jax
+        sys.modules["distrax"] = categorical_stand_in()
     _load_module("wrappers", os.path.join(path, "wrappers.py"))  # ppo.py does `from wrappers import ...`
     pjr = _load_module("ppo", os.path.join(path, "ppo.py"))
 
@@ -148,6 +183,26 @@ def measure(which, env_name, timesteps, n, path):
     )
 
 
+def summary_lines(rows, env_name):
+    """Markdown: learning parity (final return, mean and per seed, of the
+    last repeat of each side) and throughput (mean over repeats, ratio)."""
+    steps = {r["seeds"]: r["steps_per_seed"] for r in rows}
+    out = [f"Learning parity, {env_name} (final return: mean episode return over the last 10% of training)", "",
+           "| seeds | steps per seed | ours | purejaxrl | ours - purejaxrl |", "|---|---|---|---|---|"]
+    for n in sorted(steps):
+        last = {w: [r for r in rows if r["seeds"] == n and r["which"] == w][-1]["final_return"]
+                for w in ("ours", "purejaxrl")}
+        mo, mt = (sum(v) / len(v) for v in (last["ours"], last["purejaxrl"]))
+        per = {w: ", ".join(f"{x:.1f}" for x in v) for w, v in last.items()}
+        out.append(f"| {n} | {steps[n]:.3g} | {mo:.1f} ({per['ours']}) | {mt:.1f} ({per['purejaxrl']}) | {mo - mt:+.1f} |")
+    out += ["", "| seeds | ours steps/s | purejaxrl steps/s | ratio |", "|---|---|---|---|"]
+    for n in sorted(steps):
+        o, t = ([r["sps"] for r in rows if r["seeds"] == n and r["which"] == w] for w in ("ours", "purejaxrl"))
+        o, t = sum(o) / len(o), sum(t) / len(t)
+        out.append(f"| {n} | {o:,.0f} | {t:,.0f} | {o / t:.2f}x |")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--purejaxrl", required=True, help="path to purejaxrl's purejaxrl/ folder (holding ppo.py)")
@@ -182,12 +237,7 @@ def main(argv=None) -> int:
                 print(f"{which:>10} seeds={n:<3} {row['sps']:>10,.0f} steps/s  compile {row['compile_s']:5.1f}s  "
                       f"run {row['run_s']:6.1f}s  peak RSS {row['memory']['host_peak_rss_mb']:6.0f} MiB  "
                       f"final return {sum(row['final_return']) / n:.2f}", flush=True)
-    print("\nseeds | ours steps/s | purejaxrl steps/s | ratio")
-    for n in sorted({r["seeds"] for r in rows}):
-        ours = [r["sps"] for r in rows if r["seeds"] == n and r["which"] == "ours"]
-        theirs = [r["sps"] for r in rows if r["seeds"] == n and r["which"] == "purejaxrl"]
-        o, t = sum(ours) / len(ours), sum(theirs) / len(theirs)
-        print(f"{n:5d} | {o:12,.0f} | {t:17,.0f} | {o / t:.2f}x")
+    print("\n" + "\n".join(summary_lines(rows, a.env)))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)

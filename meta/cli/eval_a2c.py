@@ -8,7 +8,10 @@ For learned optimizers (meta-trained with ``scripts/meta_train.py``) and Adam
 learning-rate sweeps: every (env, optimizer) cell trains ``--seeds`` agents
 vmapped, from the same seeds. A spec's own ``lr=`` is the agent learning
 rate for that cell, else ``--lr`` (A2C writes it into the optimizer's
-injected learning rate; use the lr the rule was meta-trained with).
+injected learning rate; use the lr the rule was meta-trained with). The
+optimizers get A2C's reference settings where a spec sets none (Optim4RL's:
+optax's defaults, ``agents.presets.OPTIMIZER_DEFAULTS``) and, on the
+gridworlds, Optim4RL's elementwise gradient clip at 1 (``--grad-clip``).
 Writes DIR/results.json and DIR/results.md (final return: mean over the last
 10% of updates, mean ± s.e. over seeds; the best cell per env in bold).
 From a checkout, ``python scripts/eval_a2c.py`` is the same command.
@@ -17,6 +20,7 @@ From a checkout, ``python scripts/eval_a2c.py`` is the same command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -24,6 +28,7 @@ import time
 import envs
 import learned_optim
 from agents.a2c import A2CConfig, A2CHParams
+from agents.presets import a2c_grad_clip
 from learned_optim.spec import explicit_learning_rate
 from meta.report import best_per_env_markdown, write_json
 from meta.units import train_a2c_seeds
@@ -41,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int, default=10)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="elementwise gradient clip in front of every optimizer (default: the env family's A2C "
+                        "preset: 1 on the gridworlds, as Optim4RL's a2c_grid.json; none elsewhere; 0 = none)")
     p.add_argument("--out", default="runs/eval_a2c")
     return p.parse_args(argv)
 
@@ -57,6 +65,8 @@ def build(args):
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.grad_clip is not None and not args.grad_clip >= 0:
+        raise ValueError(f"--grad-clip must be >= 0 (0 = none), got {args.grad_clip}")
     config = A2CConfig(num_envs=args.num_envs, num_steps=args.num_steps, hidden_sizes=(args.hidden,),
                        total_timesteps=int(args.timesteps))
     return names, specs, config
@@ -72,16 +82,18 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     results = []
     for name in names:
+        clip = a2c_grad_clip(name) if args.grad_clip is None else args.grad_clip
+        env_config = dataclasses.replace(config, grad_clip=clip)
         for spec in specs:
             lr = explicit_learning_rate(spec) or args.lr
             t0 = time.perf_counter()
-            res = train_a2c_seeds(name, spec, config, A2CHParams.default(gamma=args.gamma), args.seeds,
+            res = train_a2c_seeds(name, spec, env_config, A2CHParams.default(gamma=args.gamma), args.seeds,
                                   seed=args.seed, learning_rate=lr)
             res["seconds"] = time.perf_counter() - t0
             res.pop("curves")
             res.pop("steps")
             results.append(res)
-            print(f"{name:32s} {spec:48s} lr {lr:<8g} final return {res['final_return_mean']:9.3f} ± "
+            print(f"{name:32s} {spec:48s} lr {lr:<8g} clip {clip:<4g} final return {res['final_return_mean']:9.3f} ± "
                   f"{res['final_return_se']:.3f}  ({res['seconds']:.0f}s)", flush=True)
             write_json(os.path.join(args.out, "results.json"), dict(args=vars(args), results=results))
     header = (f"A2C ({config.num_envs} envs x {config.num_steps} steps, hidden {args.hidden}, gamma {args.gamma}), "

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import envs
 import learned_optim
 from agents.ppo import PPOHParams, make_ppo
-from agents.presets import resolve_config
+from agents.presets import make_optimizer, resolve_config
 from learned_optim.spec import split_spec, split_spec_list
 from meta.host import device_description, peak_memory_mb
 from meta.report import speed_markdown, write_json
@@ -57,7 +57,7 @@ def build(env_name, spec, seeds, updates, **overrides):
     ``seeds`` agents with ``spec``, and its timing record."""
     config, hp, preset_lr = resolve_config(env_name, **overrides)
     env, env_params = envs.make(env_name)
-    agent = make_ppo(config, env, env_params, learned_optim.from_spec(spec))
+    agent = make_ppo(config, env, env_params, make_optimizer(spec, "ppo"))
     hp = jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,)), PPOHParams.default(**hp))
     state = jax.jit(jax.vmap(agent.init, in_axes=(0, 0, None)))(
         jax.random.split(jax.random.key(0), seeds), hp, preset_lr)

@@ -236,7 +236,11 @@ def _pipeline_plan(options, names):
                           staggered=not options.no_pipeline)
     # One rollout per inner update, plus metagrad's fresh rollout for the meta-objective.
     rollouts = options.inner_steps + (options.MODE == "metagrad")
-    a2c = A2CConfig(num_envs=options.num_envs, num_steps=options.num_steps, hidden_sizes=(options.hidden,))
+    from agents.presets import a2c_grad_clip
+
+    # Optim4RL's elementwise clip on the gridworlds (agents.presets.A2C_PRESETS)
+    a2c = A2CConfig(num_envs=options.num_envs, num_steps=options.num_steps, hidden_sizes=(options.hidden,),
+                    grad_clip=a2c_grad_clip(names))
     a2c = dataclasses.replace(a2c, total_timesteps=lifetime_env_steps(options.reset_interval, rollouts, a2c))
     out = dict(a2c=a2c, hparams=A2CHParams.default(gamma=options.gamma), learning_rate=options.agent_lr,
                env_overrides=_env_overrides(options.scale_rewards, names))

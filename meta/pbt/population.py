@@ -137,12 +137,13 @@ def make_member_agents(agent_kind: str, env_name: str, groups: Sequence[Group], 
     tuned space (``space_names``, default all; the group's lr bounds) per
     group."""
     import envs
-    import learned_optim
+    from agents.presets import make_optimizer
     from learned_optim import registry
 
     if agent_kind not in AGENT_KINDS:
         raise ValueError(f"--agent {agent_kind!r}; allowed: {', '.join(AGENT_KINDS)}")
-    txs = [learned_optim.from_spec(g.spec) for g in groups]  # bad specs fail before the env is built
+    # bad specs fail before the env is built; the agent's reference settings (agents.presets)
+    txs = [make_optimizer(g.spec, agent_kind) for g in groups]
     base_space = _SPACES[agent_kind]
     if space_names:
         base_space = base_space.restrict(space_names)
