@@ -114,6 +114,11 @@ class VecEnv(Wrapper):
         return jax.vmap(self._env.step, in_axes=(0, 0, 0, None))(keys, state, action, params)
 
 
+def _require_vec_env(env, who: str) -> None:
+    if not isinstance(env, VecEnv) and not hasattr(env, "num_envs"):
+        raise ValueError(f"{who} wraps a VecEnv (it shares statistics over envs)")
+
+
 @struct.dataclass
 class RunningMeanStd:
     mean: jax.Array
@@ -151,8 +156,7 @@ class NormalizeObservation(Wrapper):
     with the same statistics."""
 
     def __init__(self, env: VecEnv, clip: float = 10.0):
-        if not isinstance(env, VecEnv) and not hasattr(env, "num_envs"):
-            raise ValueError("NormalizeObservation wraps a VecEnv (it shares statistics over envs)")
+        _require_vec_env(env, "NormalizeObservation")
         super().__init__(env)
         self.clip = clip
 
@@ -197,8 +201,7 @@ class NormalizeReward(Wrapper):
     statistics (``EpisodeStats``, inside the ``VecEnv``) stay on the raw rewards."""
 
     def __init__(self, env: VecEnv, gamma: float = 0.99):
-        if not isinstance(env, VecEnv) and not hasattr(env, "num_envs"):
-            raise ValueError("NormalizeReward wraps a VecEnv (it shares statistics over envs)")
+        _require_vec_env(env, "NormalizeReward")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"NormalizeReward: gamma must be in [0, 1], got {gamma!r}")
         super().__init__(env)
