@@ -140,3 +140,15 @@ def test_brax_preset_normalises_rewards_like_purejaxrl():
     assert isinstance(state.env_state, envs.wrappers.NormalizeRewardState)
     with pytest.raises(ValueError, match="reward_norm_gamma"):
         resolve_config("CartPole-v1", reward_norm_gamma=1.5)
+
+
+@pytest.mark.parametrize("flags, clip", [([], 1.0), (["--grad-clip", "0"], 0.0), (["--grad-clip", "0.5"], 0.5)])
+def test_meta_train_units_get_the_gridworld_clip_unless_told(flags, clip, tmp_path):
+    from meta.cli import meta_train
+    from meta.meta_train.plan import build
+
+    args = meta_train.parse_args(["--method", "metagrad", "--envs", "gridworld/small_dense_short",
+                                  "--out", str(tmp_path), *flags])
+    assert build(*meta_train.options(args)).a2c.grad_clip == clip
+    args = meta_train.parse_args(["--method", "metagrad", "--envs", "Catch-bsuite", "--out", str(tmp_path)])
+    assert build(*meta_train.options(args)).a2c.grad_clip == 0.0

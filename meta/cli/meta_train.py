@@ -100,6 +100,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g("--num-envs", type=int, default=None, help=f"A2C envs per unit (default {MG.num_envs})")
     g("--num-steps", type=int, default=None, help=f"A2C rollout length (default {MG.num_steps})")
     g("--hidden", type=int, default=None, help=f"A2C hidden width, one layer (default {MG.hidden})")
+    g("--grad-clip", type=float, default=None,
+      help="A2C elementwise gradient clip, 0 = none (default: Optim4RL's 1 on gridworlds, else none)")
     g("--scale-rewards", action="store_true", default=None,
       help="meta-train on gridworlds with Optim4RL's per-grid reward scaling (Gridworld.reward_scale; "
            "logged unit returns are then scaled too); the final comparison uses the raw rewards")

@@ -69,6 +69,7 @@ class _Units(_OuterLoop):
     num_envs: int = 8  # A2C envs per unit
     num_steps: int = 10  # A2C rollout length
     hidden: int = 32  # A2C hidden width, one layer
+    grad_clip: Optional[float] = None  # A2C elementwise gradient clip (0: none); None: per env (1 on gridworlds)
     eval_timesteps: Optional[float] = None  # A2C env steps per seed in the final comparison; None: one lifetime
     scale_rewards: bool = False  # gridworlds with Optim4RL's per-grid reward scaling (meta-training only)
 
@@ -238,9 +239,12 @@ def _pipeline_plan(options, names):
     rollouts = options.inner_steps + (options.MODE == "metagrad")
     from agents.presets import a2c_grad_clip
 
-    # Optim4RL's elementwise clip on the gridworlds (agents.presets.A2C_PRESETS)
+    if options.grad_clip is not None and not options.grad_clip >= 0:
+        raise ValueError(f"--grad-clip must be >= 0 (0 = none), got {options.grad_clip}")
+    # Optim4RL's elementwise clip on the gridworlds (agents.presets.A2C_PRESETS) unless --grad-clip says
+    clip = a2c_grad_clip(names) if options.grad_clip is None else options.grad_clip
     a2c = A2CConfig(num_envs=options.num_envs, num_steps=options.num_steps, hidden_sizes=(options.hidden,),
-                    grad_clip=a2c_grad_clip(names))
+                    grad_clip=clip)
     a2c = dataclasses.replace(a2c, total_timesteps=lifetime_env_steps(options.reset_interval, rollouts, a2c))
     out = dict(a2c=a2c, hparams=A2CHParams.default(gamma=options.gamma), learning_rate=options.agent_lr,
                env_overrides=_env_overrides(options.scale_rewards, names))
