@@ -163,8 +163,9 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
         key, k_opt = jax.random.split(state.key)
         params, opt_state, aux = update_with(state.params, state.opt_state, traj, state.obs, state.hparams,
                                              full_tx, state.update_step, k_opt)
-        last_return, n_done = core.episode_summary(traj["episode_return"], traj["episode_done"], state.last_return)
-        metrics = dict(aux, episode_return=last_return, episodes=n_done, finite=core.all_finite(params))
+        episodes = core.episode_metrics(traj["episode_return"], traj["episode_done"], state.last_return)
+        last_return = episodes["episode_return"]
+        metrics = dict(aux, **episodes, finite=core.all_finite(params))
         return state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1,
                              last_return=last_return), metrics
 

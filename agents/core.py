@@ -281,6 +281,25 @@ def episode_summary(returns: jax.Array, dones: jax.Array, last_return: jax.Array
     return jnp.where(n_done > 0, mean_ret, last_return), n_done.astype(jnp.int32)
 
 
+def episode_metrics(returns: jax.Array, dones: jax.Array, last_return: jax.Array) -> dict:
+    """An update's episode metrics from ``returns``/``dones`` ``[T, N]`` (or
+    ``[N]``): ``episode_return`` (mean return of the episodes that finished,
+    else ``last_return``), ``episodes`` (their count) and, per env,
+    ``env_episode_return [N]`` (the return of its last episode that finished in
+    this update, 0 where none did) with ``env_episode_done [N]`` (whether one
+    did): the individual episode returns PBT's selection compares."""
+    mean_ret, n_done = episode_summary(returns, dones, last_return)
+    r = returns.reshape((-1,) + returns.shape[-1:])
+    d = dones.reshape((-1,) + dones.shape[-1:]).astype(bool)
+    t = r.shape[0]
+    last = t - 1 - jnp.argmax(d[::-1], axis=0)  # index of the last finished step per env
+    done_env = jnp.any(d, axis=0)
+    ret_env = jnp.take_along_axis(r, last[None, :], axis=0)[0]
+    return dict(episode_return=mean_ret, episodes=n_done,
+                env_episode_return=jnp.where(done_env, ret_env, 0.0).astype(jnp.float32),
+                env_episode_done=done_env)
+
+
 def make_run_train(init: Callable, update: Callable, num_updates: int):
     """``(run, train)``: ``run(state, n)`` is ``n`` (static) updates in one
     ``lax.scan`` (metrics ``[n]``); ``train(key, hparams, learning_rate=None)``

@@ -218,9 +218,10 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
         (params, opt_state, _), aux = jax.lax.scan(
             epoch_step, (state.params, annealed.opt_state, k_epochs), jnp.arange(config.update_epochs)
         )
-        last_return, n_done = core.episode_summary(traj["episode_return"], traj["episode_done"], state.last_return)
+        episodes = core.episode_metrics(traj["episode_return"], traj["episode_done"], state.last_return)
+        last_return = episodes["episode_return"]
         metrics = {k: v.mean() for k, v in aux.items()}
-        metrics.update(episode_return=last_return, episodes=n_done, finite=core.all_finite(params))
+        metrics.update(episodes, finite=core.all_finite(params))
         new_state = state.replace(
             params=params, opt_state=opt_state, key=key,
             update_step=state.update_step + 1, last_return=last_return,

@@ -397,10 +397,10 @@ def make_td3(config: TD3Config, env, env_params, tx) -> TD3Agent:
             any_member(ready), train_phase, no_train,
             (state.params, state.target_params, state.opt_state, state.grad_step))
 
-        last_return, n_done = core.episode_summary(info["returned_episode_return"], info["returned_episode"],
-                                                   state.last_return)
-        metrics = dict(summary, episode_return=last_return, episodes=n_done, trained=ready,
-                       finite=core.all_finite(params))
+        episodes = core.episode_metrics(info["returned_episode_return"], info["returned_episode"],
+                                        state.last_return)
+        last_return = episodes["episode_return"]
+        metrics = dict(summary, **episodes, trained=ready, finite=core.all_finite(params))
         new_state = state.replace(
             params=params, target_params=target_params, opt_state=opt_state, buffer=buffer,
             env_state=env_state, obs=next_obs, key=key, update_step=state.update_step + 1,

@@ -236,31 +236,94 @@ def test_nan_member_always_replaced_never_source(how):
         assert not np.any(src == 7)
 
 
-def test_gpbt_pl_matches_formula():
-    p, h, w1, w2 = 6, 2, 0.7, 1.3
+GP_LOW = np.array([[0.0, 1e-4]] * 8, np.float32)
+GP_HIGH = np.array([[1.0, 1e-1]] * 8, np.float32)
+GP_CODES = jnp.asarray(pbt.HParamSpace(("x", "lr"), (0.0, 1e-4), (1.0, 1e-1), ("linear", "log")).codes())
+
+
+def _gpbt_case():
+    fitness = jnp.array([3.0, 1.0, 5.0, 2.0, 4.0, 0.0, 7.0, 6.0])
+    h = jnp.array([[0.1, 1e-3], [0.2, 3e-2], [0.3, 2e-4], [0.4, 5e-3], [0.5, 1e-2], [0.95, 2e-3], [0.6, 4e-4],
+                   [0.7, 8e-2]], jnp.float32)
+    v = jnp.array([[0.01, -1e-4], [0.03, 0.0], [-0.05, 1e-3], [0.2, -2e-3], [0.0, 0.0], [0.3, 5e-4],
+                   [0.1, 1e-4], [-0.1, -1e-3]], jnp.float32)
+    return fitness, jnp.zeros(8, bool), h, v
+
+
+def test_gpbt_pl_quantile_pairing_matches_the_official_code():
+    """EMI-Group/gpbt-pl gpbt_pl.py (d9f93e14), transcribed: ``_quantiles``
+    (q = ceil(0.25 n), at most n // 2), ``_checkpoint_or_exploit`` (each lower-
+    quantile trial clones ``random.choice(upper_quantile)``), ``_explore``'s
+    learning branch in natural values:
+    v' = w_inertia r1 v_slow + w_winner r2 (fast - slow), new = clip(slow + v', lower, upper)."""
+    w1, w2 = 0.7, 1.3
+    fitness, bad, h, v = _gpbt_case()
+    f, hn, vn = np.asarray(fitness), np.asarray(h, np.float64), np.asarray(v, np.float64)
+    q = min(int(np.ceil(8 * 0.25)), 8 // 2)
+    order = np.argsort(f)
+    lower, upper = set(order[:q].tolist()), set(order[-q:].tolist())
+    picked = set()
+    for seed in range(12):
+        key = jax.random.key(seed)
+        src, h_new, v_new = pbt.gpbt_pl_update(key, fitness, bad, h, v, GP_LOW, GP_HIGH, GP_CODES, w1, w2,
+                                               resample_prob=0.0, pairing="quantile", fraction=0.25)
+        src, h_new, v_new = np.asarray(src), np.asarray(h_new), np.asarray(v_new)
+        _, k_r1, k_r2, _, _ = jax.random.split(key, 5)
+        r1 = np.asarray(jax.random.uniform(k_r1, (8, 2)), np.float64)
+        r2 = np.asarray(jax.random.uniform(k_r2, (8, 2)), np.float64)
+        for i in range(8):
+            if i in lower:
+                fast = src[i]
+                assert fast in upper
+                picked.add(int(fast))
+                vel = w1 * r1[i] * vn[i] + w2 * r2[i] * (hn[fast] - hn[i])
+                np.testing.assert_allclose(v_new[i], vel, rtol=1e-5, atol=1e-9)
+                np.testing.assert_allclose(h_new[i], np.clip(hn[i] + vel, GP_LOW[i], GP_HIGH[i]), rtol=1e-5,
+                                           atol=1e-9)
+            else:  # the middle and the top keep everything
+                assert src[i] == i
+                np.testing.assert_array_equal(h_new[i], np.asarray(h)[i])
+                np.testing.assert_array_equal(v_new[i], np.asarray(v)[i])
+    assert picked == upper  # random.choice over the whole upper quantile
+
+
+def test_gpbt_pl_resample_keeps_the_fast_members_velocity():
+    """The official ``_explore`` deep-copies the fast config (velocities
+    included); a resampled value is drawn from the domain and only the
+    learning branch writes ``last_velocity``."""
+    fitness, bad, h, v = _gpbt_case()
+    src, h_new, v_new = pbt.gpbt_pl_update(jax.random.key(5), fitness, bad, h, v, GP_LOW, GP_HIGH, GP_CODES,
+                                           resample_prob=1.0)
+    src, h_new, v_new = np.asarray(src), np.asarray(h_new), np.asarray(v_new)
+    for i in np.flatnonzero(src != np.arange(8)):
+        np.testing.assert_array_equal(v_new[i], np.asarray(v)[src[i]])
+        assert np.all(h_new[i] >= GP_LOW[i]) and np.all(h_new[i] <= GP_HIGH[i])
+        assert not np.allclose(h_new[i], np.asarray(h)[i])
+
+
+def test_gpbt_pl_random_pairing_matches_the_paper():
+    """The paper's text: random pairs, the slower learns from the faster."""
+    w1, w2 = 0.7, 1.3
+    fitness, bad, h, v = _gpbt_case()
     key = jax.random.key(42)
-    fitness = jnp.array([3.0, 1.0, 5.0, 2.0, 4.0, 0.0])
-    bad = jnp.zeros(p, bool)
-    u = jnp.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5], [0.95, 0.05]])
-    v = jnp.array([[0.01, -0.02], [0.03, 0.0], [-0.05, 0.05], [0.2, -0.2], [0.0, 0.0], [0.3, -0.3]])
-    src, u_new, v_new = pbt.gpbt_pl_update(key, fitness, bad, u, v, w1, w2)
+    src, h_new, v_new = pbt.gpbt_pl_update(key, fitness, bad, h, v, GP_LOW, GP_HIGH, GP_CODES, w1, w2,
+                                           resample_prob=0.0, pairing="random")
     k_pair, k_r1, k_r2, _, _ = jax.random.split(key, 5)
-    perm = np.asarray(jax.random.permutation(k_pair, p))
-    r1 = np.asarray(jax.random.uniform(k_r1, (p // 2, h)))
-    r2 = np.asarray(jax.random.uniform(k_r2, (p // 2, h)))
-    f, un, vn = np.asarray(fitness), np.asarray(u), np.asarray(v)
-    exp_src, exp_u, exp_v = np.arange(p), un.copy(), vn.copy()
-    for k in range(p // 2):
+    perm = np.asarray(jax.random.permutation(k_pair, 8))
+    r1 = np.asarray(jax.random.uniform(k_r1, (8, 2)), np.float64)
+    r2 = np.asarray(jax.random.uniform(k_r2, (8, 2)), np.float64)
+    f, hn, vn = np.asarray(fitness), np.asarray(h, np.float64), np.asarray(v, np.float64)
+    exp_src, exp_h, exp_v = np.arange(8), hn.copy(), vn.copy()
+    for k in range(4):
         a, b = perm[2 * k], perm[2 * k + 1]
         fast, slow = (a, b) if f[a] >= f[b] else (b, a)
-        vel = w1 * r1[k] * vn[slow] + w2 * r2[k] * (un[fast] - un[slow])
-        exp_v[slow] = vel
-        exp_u[slow] = np.clip(un[slow] + vel, 0, 1)
-        exp_src[slow] = fast
+        vel = w1 * r1[slow] * vn[slow] + w2 * r2[slow] * (hn[fast] - hn[slow])
+        exp_v[slow], exp_h[slow], exp_src[slow] = vel, np.clip(hn[slow] + vel, GP_LOW[slow], GP_HIGH[slow]), fast
     np.testing.assert_array_equal(np.asarray(src), exp_src)
-    np.testing.assert_allclose(np.asarray(u_new), exp_u, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(v_new), exp_v, rtol=1e-6, atol=1e-7)
-    assert np.sum(exp_src != np.arange(p)) == p // 2
+    np.testing.assert_allclose(np.asarray(h_new), exp_h, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(v_new), exp_v, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="pairing 'nope'; allowed: quantile, random"):
+        pbt.gpbt_pl_update(key, fitness, bad, h, v, GP_LOW, GP_HIGH, GP_CODES, pairing="nope")
 
 
 def test_pb2_within_bounds_and_prefers_better_region():
@@ -303,7 +366,7 @@ def test_pb2_record_shift_buffer():
 def test_toy_run_finds_best_hparam(algo, exploit):
     """40 rounds on the toy problem (x = 0.7 best, lr irrelevant). Also: no
     recompilation, stable structure, a member that goes NaN halfway is
-    replaced and never copied, GPBT-PL moves a log-scale lr geometrically."""
+    replaced and never copied, GPBT-PL's round is gpbt_pl_update's."""
     prog = toy_pbt(algo, exploit=exploit, interval=2, window=2, resample_prob=0.0 if algo != "gpbt" else 0.25)
     state = jax.jit(prog.init)(jax.random.key(122))
     x0 = np.asarray(prog.hparams_matrix(state))[:, 0]
@@ -316,19 +379,14 @@ def test_toy_run_finds_best_hparam(algo, exploit):
         state, info = step(state)
         src = np.asarray(info["src"])
         if r == 0 and algo == "gpbt":
-            # The driver's round = gpbt_pl_update on unit coordinates with its own
-            # key; for the log-scale lr that is the rule in log space.
+            # The driver's round = gpbt_pl_update on the natural values with its own key.
             h0, h1 = np.asarray(info["hparams_used"]), np.asarray(info["hparams_next"])
             k_sel, _ = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state0.key), 0))
-            lo, hi = np.array([0.0, np.log(1e-4)]), np.array([1.0, np.log(1e-1)])
-            u0 = (np.stack([h0[:, 0], np.log(h0[:, 1])], 1) - lo) / (hi - lo)
-            src_e, u_e, _ = pbt.gpbt_pl_update(k_sel, info["fitness"], info["bad"], jnp.asarray(u0, jnp.float32),
-                                               jnp.zeros((8, 2)), 1.0, 1.0, 0.25)
+            src_e, h_e, _ = pbt.gpbt_pl_update(k_sel, info["fitness"], info["bad"], jnp.asarray(h0), jnp.zeros((8, 2)),
+                                               GP_LOW, GP_HIGH, GP_CODES, 1.0, 1.0, 0.25)
             np.testing.assert_array_equal(src, np.asarray(src_e))
-            assert np.sum(src != np.arange(8)) == 4
-            t_e = lo + np.asarray(u_e) * (hi - lo)
-            np.testing.assert_allclose(h1[:, 0], t_e[:, 0], rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(np.log(h1[:, 1]), t_e[:, 1], rtol=1e-4, atol=1e-4)
+            assert np.sum(src != np.arange(8)) == 2  # the bottom quarter
+            np.testing.assert_allclose(h1, np.asarray(h_e), rtol=1e-5, atol=1e-7)
         if r == 20:
             assert bool(info["bad"][3]) and src[3] != 3 and not np.any(src == 3)
             assert np.all(np.isfinite(np.asarray(state.members[0].params["w"])))
@@ -362,7 +420,7 @@ def test_fixed_keeps_hparams_and_weights_own():
 def test_mixed_groups_copy_or_reinit_optimizer_state():
     groups = (pbt.Group("a", 3), pbt.Group("b", 2), pbt.Group("a", 1))
     spaces = [TOY_SPACE, TOY_SPACE.with_bounds("lr", 1e-2, 1.0), TOY_SPACE]
-    prog = toy_pbt(groups=groups, spaces=spaces, perturb_factors=(1.0,), truncation_fraction=0.34)
+    prog = toy_pbt(groups=groups, spaces=spaces, perturb_factors=(1.0,), truncation_fraction=0.33)
     state = prog.init(jax.random.key(3))
     # make the members' weights and optimizer states differ
     state = state.replace(members=tuple(

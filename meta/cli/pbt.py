@@ -33,7 +33,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", default="pbt", help="pbt, gpbt (GPBT-PL), pb2, fixed (no selection)")
     p.add_argument("--exploit", default="truncation", help="pbt/pb2 exploit: truncation, ttest, tournament")
-    p.add_argument("--explore", default="perturb", help="pbt explore: perturb, resample")
+    p.add_argument("--explore", default="perturb",
+                   help="pbt explore: perturb (x0.8 or x1.2), resample (redraw from the prior), resample_or_perturb "
+                        "(Ray Tune's: redraw with --resample-prob, else perturb)")
     p.add_argument("--agent", default="ppo", help="ppo or td3")
     p.add_argument("--env", default="CartPole-v1")
     p.add_argument("--population", type=int, default=8)
@@ -43,9 +45,19 @@ def parse_args(argv=None):
     p.add_argument("--timesteps", type=float, default=2e5, help="env steps per member")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tune", default=None, help="comma-separated hyperparameters to tune (default: all known)")
-    p.add_argument("--truncation-fraction", type=float, default=0.25)
-    p.add_argument("--resample-prob", type=float, default=0.25)
-    p.add_argument("--window", type=int, default=None, help="recent returns per member (default: --interval)")
+    p.add_argument("--truncation-fraction", type=float, default=None,
+                   help=f"truncation: the bottom fraction copies the top (default {pbt.PBTConfig.truncation_fraction})")
+    p.add_argument("--ttest-alpha", type=float, default=None,
+                   help=f"ttest: level of Welch's test (default {pbt.PBTConfig.ttest_alpha})")
+    p.add_argument("--resample-prob", type=float, default=None,
+                   help=f"resample_or_perturb and gpbt: per-value redraw probability "
+                        f"(default {pbt.PBTConfig.resample_prob})")
+    p.add_argument("--gpbt-pairing", default=None,
+                   help="gpbt: quantile (the official code's: the bottom 25%% learn from a random top-25%% member; "
+                        "default) or random (the paper's text: random pairs)")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"fitness window: returns of the latest finished episodes kept per member "
+                        f"(default {pbt.PBTConfig.window})")
     p.add_argument("--num-envs", type=int, default=None, help="envs per member (PPO, TD3)")
     p.add_argument("--num-steps", type=int, default=None, help="PPO rollout length")
     p.add_argument("--out", default=None, help="output directory (default runs/pbt-ALGO-ENV)")
@@ -65,8 +77,9 @@ def main(argv=None) -> int:
         groups = pbt.parse_groups(args.optimizers or f"adam:{args.population}", args.population)
         overrides = {k: v for k, v in dict(num_envs=args.num_envs, num_steps=args.num_steps).items()
                      if v is not None}
-        pbt_overrides = dict(truncation_fraction=args.truncation_fraction, resample_prob=args.resample_prob,
-                             window=args.window or args.interval)
+        pbt_overrides = {k: v for k, v in dict(
+            truncation_fraction=args.truncation_fraction, resample_prob=args.resample_prob, window=args.window,
+            ttest_alpha=args.ttest_alpha, gpbt_pairing=args.gpbt_pairing).items() if v is not None}
         tune = [t.strip() for t in args.tune.split(",")] if args.tune else None
         kwargs = dict(
             agent_kind=args.agent, env=args.env, groups=groups, algo=args.algo, population=args.population,

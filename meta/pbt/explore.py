@@ -20,9 +20,15 @@ def perturb(key, h, low, high, codes, factors=(0.8, 1.2)):
     return jnp.clip(new, low, high)
 
 
+def resample(key, h, low, high, codes):
+    """Every value redrawn from the prior (uniform in unit coordinates): the
+    paper's "resample" explore (Jaderberg et al. 2017, sec. 4)."""
+    return from_unit(jax.random.uniform(key, h.shape), low, high, codes)
+
+
 def resample_or_perturb(key, h, low, high, codes, prob: float = 0.25, factors=(0.8, 1.2)):
-    """Each value is redrawn from the prior with probability ``prob``, else perturbed."""
+    """Ray Tune's explore (``pbt.py`` ``_explore``): each value is redrawn from
+    the prior with probability ``prob``, else perturbed."""
     k_coin, k_prior, k_pert = jax.random.split(key, 3)
     coin = jax.random.uniform(k_coin, h.shape) < prob
-    fresh = from_unit(jax.random.uniform(k_prior, h.shape), low, high, codes)
-    return jnp.where(coin, fresh, perturb(k_pert, h, low, high, codes, factors))
+    return jnp.where(coin, resample(k_prior, h, low, high, codes), perturb(k_pert, h, low, high, codes, factors))

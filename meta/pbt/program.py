@@ -45,13 +45,15 @@ class PBTConfig:
     exploit: str = "truncation"
     explore: str = "perturb"
     interval: int = 10  # agent updates per round
-    window: int = 10  # recent per-update returns kept per member
-    truncation_fraction: float = 0.25
+    window: int = 10  # returns of the latest finished episodes kept per member (the fitness window)
+    truncation_fraction: float = 0.2  # Jaderberg et al.: the bottom 20% copy the top 20%
     ttest_alpha: float = 0.05
-    resample_prob: float = 0.25
+    resample_prob: float = 0.25  # resample_or_perturb's and GPBT-PL's per-value redraw probability
     perturb_factors: Tuple[float, ...] = (0.8, 1.2)
     gpbt_w1: float = 1.0  # inertia weight (the authors' default)
     gpbt_w2: float = 1.0  # weight of the pull toward the faster member
+    gpbt_pairing: str = "quantile"  # the official code's; "random": the paper's text
+    gpbt_quantile: float = 0.25  # the official code's quantile_fraction
     pb2_history_rounds: int = 8  # PB2 keeps P * this many observations
     pb2_candidates: int = 256
     pb2_kappa: float = 1.5
@@ -67,6 +69,12 @@ class PBTConfig:
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"PBTConfig.{f} (--{f.replace('_', '-')}) must be a positive integer, "
                                  f"got {getattr(self, f)!r}")
+        from meta.pbt.gpbt import PAIRINGS
+
+        if self.gpbt_pairing not in PAIRINGS:
+            raise ValueError(f"--gpbt-pairing {self.gpbt_pairing!r}; allowed: {', '.join(PAIRINGS)}")
+        if not 0 < self.gpbt_quantile <= 0.5:
+            raise ValueError(f"--gpbt-quantile must be in (0, 0.5], got {self.gpbt_quantile}")
         if not 0 < self.truncation_fraction <= 0.5:
             raise ValueError(f"--truncation-fraction must be in (0, 0.5], got {self.truncation_fraction}")
         if not 0 < self.ttest_alpha < 1:
@@ -82,8 +90,8 @@ class PBTState:
     per group; the rest is over all ``P`` members in group order."""
 
     members: Tuple[Any, ...]
-    returns_buf: jax.Array  # [P, W] recent per-update returns, newest last
-    returns_count: jax.Array  # [P] int32 valid entries at the end of returns_buf
+    returns_buf: jax.Array  # [P, W] returns of the latest finished episodes, newest last
+    returns_count: jax.Array  # [P] int32 valid entries at the end of returns_buf (0 after a copy)
     prev_fitness: jax.Array  # [P] fitness at the end of the previous round (after copying)
     velocity: jax.Array  # [P, H] GPBT-PL velocities (unit coordinates)
     pb2: PB2Data
@@ -119,6 +127,39 @@ def _finite_members(tree) -> jax.Array:
     for x in leaves:
         ok = ok & jnp.all(jnp.isfinite(x.reshape((x.shape[0], -1))), axis=-1)
     return ok
+
+
+def _episodes_of(metrics):
+    """``(returns, done)`` ``[M, K]``: the finished episodes of ``M`` members'
+    ``interval`` updates, in time order. From the agents' per-env
+    ``env_episode_return``/``env_episode_done`` (``agents.core.episode_metrics``);
+    an agent that reports only ``episode_return`` (and maybe ``episodes``)
+    counts each update's value as one episode (where ``episodes > 0``)."""
+    ret = jnp.asarray(metrics["episode_return"], jnp.float32)
+    m = ret.shape[0]
+    if "env_episode_return" in metrics:
+        return (metrics["env_episode_return"].reshape((m, -1)).astype(jnp.float32),
+                metrics["env_episode_done"].reshape((m, -1)).astype(bool))
+    done = metrics["episodes"] > 0 if "episodes" in metrics else jnp.ones(ret.shape, bool)
+    return ret.reshape((m, -1)), done.reshape((m, -1))
+
+
+def push_episodes(buf, count, returns, done):
+    """Appends each member's finished-episode returns to its window.
+
+    ``buf [P, W]`` holds the latest ``count [P]`` finished-episode returns at
+    its end (oldest first); ``returns``/``done`` ``[P, K]`` are the new
+    episodes in time order, where ``done`` marks the real ones. Returns the
+    new ``(buf, count)``: the newest ``min(count + sum(done), W)`` returns."""
+    w = buf.shape[1]
+    valid_old = jnp.arange(w)[None, :] >= (w - count[:, None])
+    vals = jnp.concatenate([buf, returns.astype(buf.dtype)], axis=1)
+    valid = jnp.concatenate([valid_old, done.astype(bool)], axis=1)
+    # Stable: invalid entries first, valid ones after them in their order.
+    order = jnp.argsort(valid.astype(jnp.int32), axis=1, stable=True)
+    vals = jnp.take_along_axis(vals, order, axis=1)[:, -w:]
+    n = jnp.minimum(count + jnp.sum(done, axis=1).astype(jnp.int32), w)
+    return jnp.where(jnp.arange(w)[None, :] >= (w - n[:, None]), vals, 0.0), n.astype(jnp.int32)
 
 
 def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[Group],
@@ -182,14 +223,17 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
 
     def train(state: PBTState):
         """``interval`` updates of every member; returns (state, returns [P, interval])."""
-        members, rets = [], []
+        members, rets, ep_ret, ep_done = [], [], [], []
         for agent, m in zip(agents, state.members):
             m, metrics = jax.vmap(lambda s: agent.run(s, interval))(m)
             members.append(m)
             rets.append(jnp.asarray(metrics["episode_return"], jnp.float32))
+            r, d = _episodes_of(metrics)
+            ep_ret.append(r)
+            ep_done.append(d)
         rets = jnp.concatenate(rets)
-        buf = jnp.concatenate([state.returns_buf, rets], axis=1)[:, -config.window:]
-        count = jnp.minimum(state.returns_count + interval, config.window)
+        buf, count = push_episodes(state.returns_buf, state.returns_count, jnp.concatenate(ep_ret),
+                                   jnp.concatenate(ep_done))
         return state.replace(members=tuple(members), returns_buf=buf, returns_count=count), rets
 
     def copy_members(members, src):
@@ -235,11 +279,15 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
         """Exploit + explore after a round. ``rets [P, interval]`` the round's returns."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.round)
         k_sel, k_exp = jax.random.split(key)
-        fitness = member_fitness(state.returns_buf, state.returns_count)
+        # A member without a finished episode since its last copy reports the
+        # fitness it inherited and sits the round out (no evidence yet).
+        fitness = member_fitness(state.returns_buf, state.returns_count, state.prev_fitness)
+        eligible = state.returns_count >= 1
         finite = jnp.concatenate([_finite_members(m.params) for m in state.members])
         bad = ~jnp.isfinite(fitness) | ~finite
         h_before = hparams_matrix(state)
-        rnd = Round(state, fitness, bad, to_unit(h_before, low, high, codes), low, high, codes)
+        rnd = Round(state=state, fitness=fitness, bad=bad, u=to_unit(h_before, low, high, codes), h=h_before,
+                    low=low, high=high, codes=codes, eligible=eligible)
         choice = algorithm.exploit(k_sel, config, rnd)
         src = choice.src
         replaced = src != jnp.arange(p, dtype=jnp.int32)
@@ -249,15 +297,15 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
         members = tuple(with_member_matrix(m, names, h_new[offsets[g]:offsets[g + 1]]) for g, m in enumerate(members))
         new_state = state.replace(
             members=members,
-            returns_buf=state.returns_buf[src],
-            returns_count=state.returns_count[src],
+            # A copier's record restarts: it is judged on its own episodes from now on.
+            returns_count=jnp.where(replaced, 0, state.returns_count),
             prev_fitness=jnp.where(bad[src], 0.0, fitness[src]),
             velocity=choice.velocity,
             pb2=choice.pb2,
             round=state.round + 1,
         )
         info = dict(
-            fitness=fitness, last_return=rets[:, -1], bad=bad, src=src, replaced=replaced,
+            fitness=fitness, last_return=rets[:, -1], bad=bad, src=src, replaced=replaced, eligible=eligible,
             hparams_used=h_before, hparams_next=h_new,
         )
         return new_state, info

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from meta.pbt.exploit import tournament_select, truncation_select, ttest_select
-from meta.pbt.explore import perturb, resample_or_perturb
+from meta.pbt.explore import perturb, resample, resample_or_perturb
 from meta.pbt.gpbt import gpbt_pl_update
 from meta.pbt.pb2 import PB2Data, pb2_propose, pb2_record
 from meta.pbt.space import from_unit, to_unit
@@ -27,28 +27,32 @@ from meta.pbt.space import from_unit, to_unit
 
 class Round(NamedTuple):
     """What selection sees of a round: ``state`` (a ``PBTState`` after
-    training), ``fitness [P]``, ``bad [P]`` (never a source), ``u [P, H]`` the
-    unit hyperparameters used during the round, and the bounds ``low``,
-    ``high`` ``[P, H]`` and scale ``codes [H]`` of every member."""
+    training), ``fitness [P]``, ``bad [P]`` (never a source), ``u [P, H]`` and
+    ``h [P, H]`` the unit and natural hyperparameters used during the round, the bounds ``low``, ``high``
+    ``[P, H]`` and scale ``codes [H]`` of every member, and ``eligible [P]``:
+    the members with evidence since their last copy (the others are neither
+    compared nor copied this round)."""
 
     state: Any
     fitness: jax.Array
     bad: jax.Array
     u: jax.Array
+    h: jax.Array
     low: jax.Array
     high: jax.Array
     codes: jax.Array
+    eligible: jax.Array
 
 
 class Choice(NamedTuple):
     """``src [P] int32`` (each member's source; itself when kept), the
-    velocities ``[P, H]`` and PB2 data after the round, and GPBT-PL's moved
-    unit hyperparameters ``u_next [P, H]`` (None for the others)."""
+    velocities ``[P, H]`` and PB2 data after the round, and GPBT-PL's learned
+    natural hyperparameters ``h_next [P, H]`` (None for the others)."""
 
     src: jax.Array
     velocity: jax.Array
     pb2: PB2Data
-    u_next: Optional[jax.Array] = None
+    h_next: Optional[jax.Array] = None
 
 
 class Algorithm(NamedTuple):
@@ -58,16 +62,18 @@ class Algorithm(NamedTuple):
 
 # Exploit rules: (key, config, rnd) -> src [P].
 EXPLOIT_RULES = {
-    "truncation": lambda key, config, rnd: truncation_select(key, rnd.fitness, rnd.bad, config.truncation_fraction),
+    "truncation": lambda key, config, rnd: truncation_select(key, rnd.fitness, rnd.bad, config.truncation_fraction,
+                                                             rnd.eligible),
     "ttest": lambda key, config, rnd: ttest_select(key, rnd.state.returns_buf, rnd.state.returns_count, rnd.bad,
-                                                   config.ttest_alpha),
-    "tournament": lambda key, config, rnd: tournament_select(key, rnd.fitness, rnd.bad),
+                                                   config.ttest_alpha, rnd.eligible),
+    "tournament": lambda key, config, rnd: tournament_select(key, rnd.fitness, rnd.bad, rnd.eligible),
 }
 
 # Explore rules: (key, config, h [P, H], low, high, codes) -> h [P, H].
 EXPLORE_RULES = {
     "perturb": lambda key, config, h, low, high, codes: perturb(key, h, low, high, codes, config.perturb_factors),
-    "resample": lambda key, config, h, low, high, codes: resample_or_perturb(
+    "resample": lambda key, config, h, low, high, codes: resample(key, h, low, high, codes),
+    "resample_or_perturb": lambda key, config, h, low, high, codes: resample_or_perturb(
         key, h, low, high, codes, config.resample_prob, config.perturb_factors),
 }
 
@@ -99,9 +105,10 @@ def _exploit_and_record(key, config, rnd: Round) -> Choice:
 
 
 def _gpbt_exploit(key, config, rnd: Round) -> Choice:
-    src, u_next, velocity = gpbt_pl_update(key, rnd.fitness, rnd.bad, rnd.u, rnd.state.velocity,
-                                           config.gpbt_w1, config.gpbt_w2, config.resample_prob)
-    return Choice(src, velocity, rnd.state.pb2, u_next)
+    src, h_next, velocity = gpbt_pl_update(key, rnd.fitness, rnd.bad, rnd.h, rnd.state.velocity, rnd.low, rnd.high,
+                                           rnd.codes, config.gpbt_w1, config.gpbt_w2, config.resample_prob,
+                                           config.gpbt_pairing, config.gpbt_quantile, rnd.eligible)
+    return Choice(src, velocity, rnd.state.pb2, h_next)
 
 
 def _keep_hparams(key, config, rnd: Round, choice: Choice, h_copied):
@@ -113,7 +120,7 @@ def _explore_by_rule(key, config, rnd: Round, choice: Choice, h_copied):
 
 
 def _gpbt_explore(key, config, rnd: Round, choice: Choice, h_copied):
-    return from_unit(choice.u_next, rnd.low, rnd.high, rnd.codes)
+    return choice.h_next
 
 
 def _pb2_explore(key, config, rnd: Round, choice: Choice, h_copied):
