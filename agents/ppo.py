@@ -105,7 +105,8 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
 
     # Binary observations (MinAtar) are stored as bool in the rollout buffer: 4x
     # less memory traffic when minibatches are shuffled; networks see float32.
-    store_dtype = jnp.bool_ if getattr(env, "binary_observations", False) else None
+    # Not when they are normalised: the normalised values are no longer binary.
+    store_dtype = jnp.bool_ if getattr(env, "binary_observations", False) and not config.normalize_obs else None
 
     def init(key: jax.Array, hparams, learning_rate=None) -> PPOState:
         k_params, k_env, k_state = jax.random.split(key, 3)
