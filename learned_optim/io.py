@@ -42,9 +42,19 @@ def _leaf_table(tree: Any):
 
 
 def _checkpointer():
+    """A checkpointer of this process alone: a saved optimizer is a few host
+    arrays, written (or read) by whichever process calls, never a collective
+    save (in a multi-process run only process 0 writes it)."""
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    me = jax.process_index()
+    return ocp.Checkpointer(
+        ocp.StandardCheckpointHandler(multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"lopt{me}")),
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"lopt{me}"))
 
 
 def save(path: str, rule: LearnedRule, meta_params: Any, overwrite: bool = False) -> str:

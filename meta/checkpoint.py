@@ -35,8 +35,7 @@ def keys_to_data(tree):
 def data_to_keys(raw, like):
     """Inverse of ``keys_to_data``: leaves of ``raw`` where ``like`` holds a typed
     key become typed keys of ``like``'s implementation; the others are kept."""
-    return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-                        raw, like)
+    return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x, impl=_key_impl(t)) if _is_key(t) else x, raw, like)
 
 
 def _manager(directory: str, max_to_keep: int = 2):
@@ -72,39 +71,98 @@ def latest_step(directory: str) -> Optional[int]:
     return step
 
 
-def restore(directory: str, target: Any, config: Dict[str, Any]) -> Tuple[int, Any, Dict[str, Any]]:
-    """``(step, state, document)`` of the latest checkpoint in ``directory``.
+def read_document(directory: str, step: Optional[int] = None) -> Tuple[int, Dict[str, Any]]:
+    """``(step, document)`` of checkpoint ``step`` (None: the latest) in
+    ``directory``, without reading the arrays. ``CheckpointError`` when there
+    is none or it cannot be read."""
+    import orbax.checkpoint as ocp
 
-    ``target`` is a pytree with the expected structure, shapes and dtypes.
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise CheckpointError(f"--resume: no checkpoint found in {directory!r}")
+    mngr = _manager(directory)
+    try:
+        return step, mngr.restore(step, args=ocp.args.Composite(document=ocp.args.JsonRestore()))["document"]
+    except Exception as e:  # corrupted or incompatible files
+        raise CheckpointError(f"checkpoint step {step} in {directory!r} could not be read: {e}") from e
+    finally:
+        mngr.close()
+
+
+def check_config(directory: str, document: Dict[str, Any], config: Dict[str, Any]) -> None:
+    """``CheckpointError`` naming the settings that differ when ``document["config"]``
+    (read from ``directory``) is not ``config``."""
+    stored = _canonical(document.get("config"))
+    config = _canonical(config)
+    if stored != config:
+        diff = _differences(stored or {}, config or {})
+        raise CheckpointError(
+            f"checkpoint in {directory!r} was written with a different config (differs in: "
+            f"{', '.join(diff)}); use the same settings or a fresh --out directory"
+        )
+
+
+def restore(directory: str, target: Any, config: Dict[str, Any],
+            step: Optional[int] = None) -> Tuple[int, Any, Dict[str, Any]]:
+    """``(step, state, document)`` of checkpoint ``step`` (None: the latest) in ``directory``.
+
+    ``target`` is a pytree with the expected structure, shapes and dtypes
+    (arrays or ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``).
     Raises ``CheckpointError`` when there is none, or when its stored
     ``document["config"]`` differs from ``config``.
     """
     import orbax.checkpoint as ocp
 
-    step = latest_step(directory)
-    if step is None:
-        raise CheckpointError(f"--resume: no checkpoint found in {directory!r}")
+    step, document = read_document(directory, step)
+    check_config(directory, document, config)
     mngr = _manager(directory)
     try:
-        document = mngr.restore(step, args=ocp.args.Composite(document=ocp.args.JsonRestore()))["document"]
-        stored = document.get("config")
-        if _canonical(stored) != _canonical(config):
-            diff = sorted(k for k in set(stored or {}) | set(config) if (stored or {}).get(k) != config.get(k))
-            raise CheckpointError(
-                f"checkpoint in {directory!r} was written with a different config (differs in: "
-                f"{', '.join(diff)}); use the same settings or a fresh --out directory"
-            )
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                                keys_to_data(target))
+        abstract = jax.tree.map(_abstract_leaf, target)
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         state = data_to_keys(state, target)
-    except CheckpointError:
-        raise
     except Exception as e:  # corrupted or incompatible files
         raise CheckpointError(f"checkpoint step {step} in {directory!r} could not be read: {e}") from e
     finally:
         mngr.close()
     return step, state, document
+
+
+def _abstract_leaf(x) -> jax.ShapeDtypeStruct:
+    """The stored shape and dtype of a target leaf (a typed key: its raw key data)."""
+    if _is_key(x):
+        return jax.eval_shape(jax.random.key_data, x)
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+
+
+def _key_impl(key):
+    """The PRNG implementation of a typed key, concrete or abstract."""
+    if not isinstance(key, jax.ShapeDtypeStruct):
+        return jax.random.key_impl(key)
+    impl = []
+    jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)), key)
+    return impl[0]
+
+
+def _differences(stored: Dict[str, Any], config: Dict[str, Any], prefix: str = "") -> list:
+    """``["lr (checkpoint 0.1, now 0.2)", "ppo_config.num_envs (...)"]``: the
+    (nested) keys whose values differ."""
+    out = []
+    for k in sorted(set(stored) | set(config)):
+        a, b = stored.get(k), config.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{k}."))
+        else:
+            out.append(f"{prefix}{k} (checkpoint {_short(a)}, now {_short(b)})")
+    return out
+
+
+def _short(v, width: int = 40) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _canonical(d):

@@ -25,12 +25,105 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 POP = "pop"  # the population axis of every mesh
 
 
+_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def maybe_initialize() -> bool:
-    wanted = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_DISTRIBUTED") == "1"
-    if not wanted:
+    """Starts JAX's multi-process runtime when the environment asks for it.
+
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``: those three are passed to
+    ``jax.distributed.initialize`` (it does not read them itself); a missing or
+    bad one is a ``ValueError`` naming it. ``JAX_DISTRIBUTED=1`` alone: JAX
+    detects the cluster (SLURM, TPU pods, ...). On the CPU backend the
+    collectives go through gloo (JAX's own CPU implementation), unless the
+    user chose another. Returns whether it initialised; calling it twice is
+    harmless."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    auto = os.environ.get("JAX_DISTRIBUTED") == "1"
+    if not address and not auto:
         return False
-    jax.distributed.initialize()
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if address:
+        missing = [v for v in _ENV[1:] if os.environ.get(v) is None]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={address} is set but {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not; set all three of {', '.join(_ENV)} "
+                             "(or JAX_DISTRIBUTED=1 alone on a cluster JAX detects)")
+        try:
+            n, i = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except ValueError:
+            raise ValueError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+                             f"{os.environ['JAX_NUM_PROCESSES']!r} and {os.environ['JAX_PROCESS_ID']!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"JAX_PROCESS_ID must be in [0, JAX_NUM_PROCESSES), got {i} of {n}")
+        kwargs = dict(coordinator_address=address, num_processes=n, process_id=i)
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
     return True
+
+
+def start_cli() -> None:
+    """For a command's ``main``: ``maybe_initialize()``, then every process but
+    process 0 prints nothing on stdout (its errors still reach stderr).
+    Raises ``ValueError`` for bad multi-process variables."""
+    import sys
+
+    if maybe_initialize() and not is_main():
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # also what the runtime's C++ (gloo) prints
+        os.close(devnull)
+
+
+def is_main() -> bool:
+    """Process 0: the one that writes logs, plots, results and prints progress."""
+    return jax.process_index() == 0
+
+
+def _key_impl(x):
+    return jax.random.key_impl(x)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` for a value every process holds the
+    same copy of (built from the same seed). Over several processes each one
+    places only its own shards (``jax.make_array_from_callback``), so a state
+    holding NaNs (NaN != NaN) places as well as any other."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def one(x, sharding):
+        if _is_key(x):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=_key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+    """``jax.device_get(tree)`` that also works for arrays split over several
+    processes: those are gathered (every process gets the whole value)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            if _is_key(x):
+                return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=_key_impl(x))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
 
 
 def _sizes(num_members: Union[None, int, Sequence[int]]) -> Sequence[int]:

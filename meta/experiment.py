@@ -1,24 +1,48 @@
 """Training PPO over several seeds in one vmapped program, in chunks so a
 host loop can report progress between them, and learning-rate sweeps as one
 program. Used by ``meta.cli.train``, ``meta.benchmark`` and the final
-comparisons of meta-training. Configs come from ``agents.presets``."""
+comparisons of meta-training. Configs come from ``agents.presets``.
+
+A run given a ``run_dir`` (``metarl-train --out``) also keeps its state:
+
+* ``RUN_DIR/checkpoints/``: the whole vmapped training state and the curves so
+  far, at chunk boundaries (``meta.checkpoint``); ``resume=True`` continues
+  from the latest to the same results, bit for bit, as an uninterrupted run.
+* ``RUN_DIR/agent/``: the final agent of every seed (``agent_tree``: network
+  parameters, optimizer state, observation/reward normaliser statistics,
+  hyperparameters) with the document that built it (``run_document``), which
+  ``load_agent`` rebuilds and ``evaluate_agent`` plays.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import envs
+import learned_optim
+from agents import core, networks
 from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
 from agents.presets import make_optimizer, optimizer_spec as agent_optimizer_spec
 from learned_optim import registry
 from learned_optim.spec import explicit_learning_rate
+from meta import checkpoint
 from meta.host import chunk_sizes, fmt_eta, peak_memory_mb
+
+CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints: resumable training state
+# Default cadence: the first chunk boundary after every this many seconds of the
+# host loop, and the end (each save costs ~0.05-0.2 s; every chunk would cost
+# more than training itself on short runs).
+CHECKPOINT_SECONDS = 30.0
+AGENT_DIR = "agent"  # RUN_DIR/agent: the final agents and the document that built them
 
 
 def learning_rate_for(optimizer_spec: str, preset_lr: float, lr: Optional[float] = None) -> float:
@@ -55,20 +79,71 @@ def tuning_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), TUNING_STREAM), num_seeds)
 
 
-def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, keys, log, target_chunks, label):
+def update_chunks(num_updates: int, target_chunks: int = 20, checkpoint_every: Optional[int] = None,
+                  start: int = 0) -> List[int]:
+    """Chunk sizes of a run of ``num_updates`` from update ``start``: the
+    ``chunk_sizes`` of ``target_chunks`` progress chunks, or chunks of
+    ``checkpoint_every`` updates where that is shorter, so that checkpoints fall
+    on chunk boundaries. At most two distinct sizes (each compiles once), a
+    third only where a run resumes off the current boundaries."""
+    sizes = chunk_sizes(num_updates, target_chunks)
+    if checkpoint_every is not None and sizes and checkpoint_every < sizes[0]:
+        sizes = [checkpoint_every] * (num_updates // checkpoint_every)
+        if num_updates % checkpoint_every:
+            sizes.append(num_updates % checkpoint_every)
+    bounds = np.cumsum(sizes).tolist()
+    rest = [b for b in bounds if b > start]
+    return np.diff([start] + rest).astype(int).tolist()
+
+
+def _is_checkpoint(done: int, previous: int, every: Optional[int], total: int, since_last: float) -> bool:
+    """A checkpoint after ``done`` updates: at the first chunk boundary at or
+    past each multiple of ``every`` (None: ``CHECKPOINT_SECONDS`` after the
+    last one), and at the end."""
+    if done == total:
+        return True
+    return since_last >= CHECKPOINT_SECONDS if every is None else done // every > previous // every
+
+
+def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, keys, log, target_chunks, label,
+                   checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
+                   resume: bool = False, document: Optional[Dict[str, Any]] = None):
     """Trains ``M`` PPO members (``hp_pop`` leaves, learning rates ``lrs`` and
     ``keys`` are ``[M]``) in one vmapped program, in chunks for progress
-    output. Returns the raw arrays (curves/counts/finite ``[M, U]``), timings
-    and ``uses_lr``."""
+    output. Returns the raw arrays (curves/counts/finite ``[M, U]``), the final
+    state, timings and ``uses_lr``.
+
+    With ``checkpoint_dir``: the state and the curves so far are saved there
+    (with ``{"config": document}``) every ``checkpoint_every`` updates (None:
+    at the first chunk boundary after every ``CHECKPOINT_SECONDS``) and at the
+    end; ``resume`` continues from the latest checkpoint (``CheckpointError``
+    when there is none or its config differs from ``document``)."""
     env, env_params = envs.make(env_name)
     tx = make_optimizer(optimizer_spec, "ppo")
     agent = make_ppo(config, env, env_params, tx)
     num_members = keys.shape[0]
+    total = config.num_updates
 
     t0, c0 = time.perf_counter(), time.process_time()
-    init = jax.jit(jax.vmap(agent.init))
-    state = init(keys, hp_pop, lrs)
-    sizes = chunk_sizes(config.num_updates, target_chunks)
+    init = jax.vmap(agent.init)
+    history = dict(curves=np.zeros((num_members, 0), np.float32), counts=np.zeros((num_members, 0), np.int32),
+                   finite=np.zeros((num_members, 0), bool))
+    start, run_before = 0, 0.0
+    if resume:
+        # Settings first (a clear error before anything compiles), then the arrays.
+        step, stored = checkpoint.read_document(checkpoint_dir)
+        checkpoint.check_config(checkpoint_dir, stored, document)
+        like = jax.eval_shape(init, keys, hp_pop, lrs)
+        target = dict(state=like, **{k: np.zeros((num_members, step), v.dtype) for k, v in history.items()})
+        start, restored, stored = checkpoint.restore(checkpoint_dir, target, document, step=step)
+        state = restored.pop("state")
+        history = {k: np.asarray(v) for k, v in restored.items()}
+        run_before = float(stored.get("run_seconds", 0.0))
+        if log:
+            log(f"[{label}] resumed at update {start}/{total} from {checkpoint_dir}")
+    else:
+        state = jax.jit(init)(keys, hp_pop, lrs)
+    sizes = update_chunks(total, target_chunks, checkpoint_every, start)
     compiled = {}
     for n in sorted(set(sizes)):
         compiled[n] = jax.jit(jax.vmap(agent.run, in_axes=(0, None)), static_argnums=1).lower(state, n).compile()
@@ -76,39 +151,109 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, ke
     compile_s, compile_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     steps_per_update = config.batch_size
-    curves, counts, finite = [], [], []
-    done_updates, run_s, run_cpu = 0, 0.0, 0.0
+    curves, counts, finite = [history["curves"]], [history["counts"]], [history["finite"]]
+    done_updates, run_s, run_cpu = start, 0.0, 0.0
+    last_save = time.perf_counter()
     for n in sizes:
         t, c = time.perf_counter(), time.process_time()
         state, m = compiled[n](state)
         m = jax.device_get(m)
         run_s += time.perf_counter() - t
         run_cpu += time.process_time() - c
-        done_updates += n
+        previous, done_updates = done_updates, done_updates + n
         curves.append(np.asarray(m["episode_return"]))
         counts.append(np.asarray(m["episodes"]))
         finite.append(np.asarray(m["finite"]))
+        if checkpoint_dir and _is_checkpoint(done_updates, previous, checkpoint_every, total,
+                                             time.perf_counter() - last_save):
+            so_far = dict(curves=np.concatenate(curves, axis=1), counts=np.concatenate(counts, axis=1),
+                          finite=np.concatenate(finite, axis=1))
+            checkpoint.save(checkpoint_dir, done_updates, dict(state=state, **so_far),
+                            {"config": document, "run_seconds": run_before + run_s})
+            last_save = time.perf_counter()
         if log:
-            sps = num_members * done_updates * steps_per_update / max(run_s, 1e-9)
-            eta = run_s / done_updates * (config.num_updates - done_updates)
+            sps = num_members * (done_updates - start) * steps_per_update / max(run_s, 1e-9)
+            eta = run_s / (done_updates - start) * (total - done_updates)
             ret = curves[-1][:, -1]
             log(
                 f"[{label}] {done_updates * steps_per_update:>10,d}/"
-                f"{config.num_updates * steps_per_update:,d} steps  return {np.mean(ret):8.2f} "
+                f"{total * steps_per_update:,d} steps  return {np.mean(ret):8.2f} "
                 f"(min {np.min(ret):.2f}, max {np.max(ret):.2f})  {sps:,.0f} steps/s  ETA {fmt_eta(eta)}"
             )
+    trained = num_members * (total - start) * steps_per_update
     return dict(
         curves=np.concatenate(curves, axis=1),
         counts=np.concatenate(counts, axis=1),
         finite=np.concatenate(finite, axis=1),
+        state=state,
+        resumed_from_update=start,
         compile_seconds=compile_s,
         run_seconds=run_s,
         # process CPU time (all threads): the cost on a shared machine, where wall time also counts waiting
         compile_cpu_seconds=compile_cpu,
         run_cpu_seconds=run_cpu,
-        env_steps_per_second=num_members * config.num_updates * steps_per_update / run_s,
+        env_steps_per_second=trained / run_s if run_s > 0 else 0.0,
         uses_lr=bool(agent.uses_lr),
     )
+
+
+def run_document(env_name: str, optimizer_spec: str, config: PPOConfig, hparams: Dict[str, float],
+                 learning_rate: Optional[float], num_seeds: int, seed: int) -> Dict[str, Any]:
+    """Everything that builds and determines a ``train_seeds`` run, JSON-canonical:
+    the config a checkpoint must match to be resumed and the one ``load_agent``
+    rebuilds a saved agent from (env, optimizer spec as built, PPO config,
+    hyperparameter overrides, learning rate, seeds)."""
+    doc = dict(
+        agent="ppo", env=env_name, optimizer=optimizer_spec,
+        optimizer_as_built=agent_optimizer_spec(optimizer_spec, "ppo"),
+        ppo_config=dataclasses.asdict(config), hparams={k: float(v) for k, v in hparams.items()},
+        learning_rate=None if learning_rate is None else float(learning_rate), seeds=int(num_seeds), seed=int(seed),
+    )
+    return json.loads(json.dumps(doc))
+
+
+def normalizer_state(env_state) -> Dict[str, Any]:
+    """The running statistics of the normalising wrappers around a ``VecEnv``
+    state (``obs_rms`` of ``NormalizeObservation``, ``return_rms`` of
+    ``NormalizeReward``; each only where configured)."""
+    out = {}
+    while any(hasattr(env_state, n) for n in ("obs_rms", "return_rms")):
+        out.update({n: getattr(env_state, n) for n in ("obs_rms", "return_rms") if hasattr(env_state, n)})
+        env_state = env_state.env_state
+    return out
+
+
+def agent_tree(state) -> Dict[str, Any]:
+    """What a saved agent holds of a (vmapped) PPO state, every leaf ``[S, ...]``:
+    ``params``, ``opt_state``, ``hparams``, ``update_step`` and, where the config
+    normalises, ``normalizer`` (``normalizer_state``)."""
+    tree = dict(params=state.params, opt_state=state.opt_state, hparams=state.hparams, update_step=state.update_step)
+    norm = normalizer_state(state.env_state)
+    if norm:
+        tree["normalizer"] = norm
+    return tree
+
+
+def _population(document: Dict[str, Any]):
+    """``(agent, env, env_params, config, keys, hp_pop, lrs)`` that ``document``
+    (``run_document``) describes."""
+    config = PPOConfig(**document["ppo_config"])
+    env, env_params = envs.make(document["env"])
+    agent = make_ppo(config, env, env_params, learned_optim.from_spec(document["optimizer_as_built"]))
+    num_seeds = document["seeds"]
+    hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,)), PPOHParams.default(**document["hparams"]))
+    lr = document["learning_rate"]
+    lrs = None if lr is None else jnp.full((num_seeds,), lr, jnp.float32)
+    return agent, env, env_params, config, evaluation_keys(document["seed"], num_seeds), hp_pop, lrs
+
+
+def _fresh_dir(path: str, log) -> None:
+    """Removes a previous run's ``path`` (a fresh run must not resume from, or
+    leave behind, another run's state)."""
+    if os.path.isdir(path) and os.listdir(path):
+        shutil.rmtree(path)
+        if log:
+            log(f"note: removed the previous run's {path} (fresh run; pass --resume to continue one)")
 
 
 def train_seeds(
@@ -121,23 +266,51 @@ def train_seeds(
     log: Optional[Callable[[str], None]] = print,
     target_chunks: int = 20,
     learning_rate: Optional[float] = None,
+    run_dir: Optional[str] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: bool = False,
 ) -> Dict:
     """Trains ``num_seeds`` PPO agents (vmapped) at ``learning_rate`` (None:
     the optimizer's own; see ``learning_rate_for``) and returns a result dict:
     per-seed final returns, learning curves ``[S, U]``, timings, memory and
-    ``hparams`` (with the ``lr``)."""
+    ``hparams`` (with the ``lr``).
+
+    With ``run_dir``: checkpoints to ``run_dir/checkpoints`` every
+    ``checkpoint_every`` updates (None: at the first progress chunk boundary
+    after every ``CHECKPOINT_SECONDS`` of training) and at the end, and saves
+    the final agents to ``run_dir/agent``;
+    ``resume`` continues from the latest checkpoint (``CheckpointError`` when
+    there is none or it was written with other settings). A resumed run's
+    curves equal an uninterrupted one's."""
     if num_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {num_seeds}")
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+    if resume and run_dir is None:
+        raise ValueError("resume needs a run directory (--out)")
     hp = PPOHParams.default(**hparams)
     hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,)), hp)
     lrs = None if learning_rate is None else jnp.full((num_seeds,), learning_rate, jnp.float32)
+    document = run_document(env_name, optimizer_spec, config, hparams, learning_rate, num_seeds, seed)
+    ckpt_dir = agent_dir = None
+    if run_dir is not None:
+        ckpt_dir, agent_dir = os.path.join(run_dir, CHECKPOINT_DIR), os.path.join(run_dir, AGENT_DIR)
+        if not resume:
+            _fresh_dir(ckpt_dir, log)
+            _fresh_dir(agent_dir, log)
     raw = _train_members(env_name, optimizer_spec, config, hp_pop, lrs, evaluation_keys(seed, num_seeds), log,
-                         target_chunks, f"{env_name} | {optimizer_spec}")
+                         target_chunks, f"{env_name} | {optimizer_spec}", checkpoint_dir=ckpt_dir,
+                         checkpoint_every=checkpoint_every, resume=resume, document=document)
     if learning_rate is not None:
         hparams = {"lr": learning_rate, **hparams}
     steps_per_update = config.batch_size
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
     returns = final_return(metrics)
+    if agent_dir is not None:
+        if os.path.isdir(agent_dir):
+            shutil.rmtree(agent_dir)  # (a resumed run rewrites its own agent)
+        checkpoint.save(agent_dir, config.num_updates, agent_tree(raw["state"]),
+                        {"config": document, "final_return": returns.tolist()})
     return {
         "env": env_name,
         "optimizer": optimizer_spec,
@@ -152,6 +325,7 @@ def train_seeds(
         "final_return": returns.tolist(),
         "final_return_mean": float(np.mean(returns)),
         "diverged_seeds": int(np.sum(~raw["finite"][:, -1])),
+        "resumed_from_update": raw["resumed_from_update"],
         "env_steps_per_second": raw["env_steps_per_second"],
         "compile_seconds": raw["compile_seconds"],
         "run_seconds": raw["run_seconds"],
@@ -222,3 +396,107 @@ def train_lr_sweep(
         "compile_cpu_seconds": raw["compile_cpu_seconds"],
         "run_cpu_seconds": raw["run_cpu_seconds"],
     }
+
+
+# Saved agents -------------------------------------------------------------------------------
+
+EVALUATION_STREAM = 0x6576  # "ev": keys of evaluation episodes, apart from the training keys
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedAgent:
+    """A trained population rebuilt from ``RUN_DIR/agent`` (``load_agent``)."""
+
+    document: Dict[str, Any]  # run_document of the run that trained it
+    config: PPOConfig
+    env: Any
+    env_params: Any
+    actor_critic: core.ActorCritic
+    tree: Dict[str, Any]  # agent_tree, every leaf [S, ...]
+    obs_clip: float  # NormalizeObservation's clip (used where the config normalises observations)
+
+
+def load_agent(run_dir: str) -> SavedAgent:
+    """Rebuilds the env, PPO config and networks from the document saved in
+    ``run_dir/agent`` and restores the agents into them. A missing directory,
+    or one without a saved PPO agent -> ``ValueError``."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"run directory {run_dir!r} does not exist")
+    agent_dir = os.path.join(run_dir, AGENT_DIR)
+    if checkpoint.latest_step(agent_dir) is None:
+        raise ValueError(f"{run_dir!r} holds no saved agent ({agent_dir!r} is missing or empty; "
+                         f"train one with: metarl-train --out {run_dir})")
+    step, stored = checkpoint.read_document(agent_dir)
+    document = stored.get("config") or {}
+    if document.get("agent") != "ppo":
+        raise ValueError(f"{agent_dir!r} holds a {document.get('agent')!r} agent; metarl-eval plays PPO agents "
+                         "saved by metarl-train")
+    agent, env, env_params, config, keys, hp_pop, lrs = _population(document)
+    target = agent_tree(jax.eval_shape(jax.vmap(agent.init), keys, hp_pop, lrs))
+    _, tree, _ = checkpoint.restore(agent_dir, target, document, step=step)
+    from envs.wrappers import NormalizeObservation, VecEnv
+
+    clip = NormalizeObservation(VecEnv(env, 1)).clip
+    return SavedAgent(document, config, env, env_params, core.make_actor_critic(config, env, env_params), tree, clip)
+
+
+def evaluate_agent(saved: SavedAgent, episodes: int = 10, seed: int = 0, deterministic: bool = False,
+                   max_steps: int = 100_000) -> List[Dict[str, Any]]:
+    """Plays ``episodes`` episodes (one per env, vmapped) with each saved agent
+    and returns one dict per seed: ``mean_return`` and ``returns [episodes]``
+    (None where an episode did not end within ``max_steps`` steps). Actions
+    are the policy's mode (``deterministic``: argmax of the logits, or the
+    Gaussian mean) or samples from it; observations are normalised with the
+    saved statistics, frozen."""
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"--episodes must be a positive integer, got {episodes!r}")
+    from envs.wrappers import VecEnv
+
+    vec = VecEnv(saved.env, episodes)
+    ac, env_params = saved.actor_critic, saved.env_params
+
+    def act(params, norm, obs, key):
+        if "obs_rms" in norm:
+            obs = norm["obs_rms"].normalize(obs, saved.obs_clip)
+        out = ac.actor.apply({"params": params["actor"]}, networks.flat(obs))
+        if not deterministic:
+            return networks.action_distribution(out, ac.discrete).sample(key)
+        return jnp.argmax(out, axis=-1).astype(jnp.int32) if ac.discrete else out[0]
+
+    def play(params, norm, key):
+        k_reset, key = jax.random.split(key)
+        obs, env_state = vec.reset(k_reset, env_params)
+
+        def running(carry):
+            t, _, _, _, done, _ = carry
+            return (t < max_steps) & ~jnp.all(done)
+
+        def step(carry):
+            t, obs, env_state, key, done, ret = carry
+            key, k_act, k_env = jax.random.split(key, 3)
+            obs, env_state, _, _, _, info = vec.step(k_env, env_state, act(params, norm, obs, k_act), env_params)
+            ended = info["returned_episode"]
+            ret = jnp.where(ended & ~done, info["returned_episode_return"], ret)
+            return t + 1, obs, env_state, key, done | ended, ret
+
+        carry = (jnp.int32(0), obs, env_state, key, jnp.zeros((episodes,), bool),
+                 jnp.zeros((episodes,), jnp.float32))
+        *_, done, ret = jax.lax.while_loop(running, step, carry)
+        return ret, done
+
+    num_seeds = saved.document["seeds"]
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), EVALUATION_STREAM), num_seeds)
+    rets, done = jax.device_get(jax.jit(jax.vmap(play))(saved.tree["params"], saved.tree.get("normalizer", {}), keys))
+    mode = ("greedy" if saved.actor_critic.discrete else "mean") if deterministic else "sampled"
+    out = []
+    for i in range(num_seeds):
+        finished = [float(r) for r, d in zip(rets[i], done[i]) if d]
+        out.append(dict(
+            env=saved.document["env"], optimizer=saved.document["optimizer"], seed_index=i,
+            train_seed=saved.document["seed"], episodes=episodes,
+            mean_return=float(np.mean(finished)) if finished else None,
+            returns=[float(r) if d else None for r, d in zip(rets[i], done[i])],
+            unfinished=int(episodes - len(finished)), deterministic=bool(deterministic), actions=mode,
+            eval_seed=seed,
+        ))
+    return out

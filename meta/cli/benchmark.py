@@ -102,6 +102,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     if a.report_only:
         try:
             return _report_only(a)

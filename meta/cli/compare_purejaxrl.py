@@ -204,6 +204,9 @@ def summary_lines(rows, env_name):
 
 
 def main(argv=None) -> int:
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--purejaxrl", required=True, help="path to purejaxrl's purejaxrl/ folder (holding ppo.py)")
     p.add_argument("--env", default="Breakout-MinAtar")

@@ -59,6 +59,9 @@ def _check(a) -> list:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     try:
         pops = _check(a)
     except ValueError as e:

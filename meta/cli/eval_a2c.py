@@ -74,6 +74,9 @@ def build(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     try:
         names, specs, config = build(args)
     except ValueError as e:

@@ -124,11 +124,14 @@ def options(args: argparse.Namespace):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    distributed.maybe_initialize()
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     from meta.checkpoint import CheckpointError
     from meta.meta_train import build, run
 
     try:
+        distributed.start_cli()
         plan = build(*options(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 import envs  # sets safe XLA flags before JAX starts
-from meta import pbt
+from meta import distributed, pbt
 from meta.checkpoint import latest_step
 from meta.report import plot_history, write_json
 
@@ -69,8 +69,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     out = args.out or os.path.join("runs", f"pbt-{args.algo}-{args.env.replace('/', '_')}")
     try:
+        distributed.start_cli()
         envs.expand_suites([args.env])
         if args.population < 1:
             raise ValueError(f"--population must be >= 1, got {args.population}")
@@ -114,6 +118,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bar.close()
+    if not distributed.is_main():
+        return 0
     write_json(os.path.join(out, "results.json"), result)
     plot_history(os.path.join(out, f"{args.algo}_"), result)
     fr = np.asarray(result.get("final_return", []), np.float64)

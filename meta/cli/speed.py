@@ -75,6 +75,9 @@ def build(env_name, spec, seeds, updates, **overrides):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from runtime.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     specs = list(split_spec_list(a.optimizers))
     try:
         rows = [None]

@@ -4,7 +4,12 @@
     metarl-train --env Breakout-MinAtar --optimizer adam:lr=5e-3 \
         --seeds 8 --timesteps 5e6 --out runs/breakout
 
-Writes DIR/results.json, DIR/curve.csv and DIR/curve.png. From a checkout,
+Writes DIR/results.json, DIR/curve.csv and DIR/curve.png, the final agent of
+every seed to DIR/agent/ (play it with ``metarl-eval DIR``) and checkpoints to
+DIR/checkpoints/ (every --checkpoint-every updates; by default at the first
+progress chunk boundary after every 30 s, and at the end). A killed run
+continues with the same command plus ``--resume``, to the same results as an
+uninterrupted run. From a checkout,
 ``python scripts/train.py`` is the same command.
 """
 
@@ -17,8 +22,10 @@ import sys
 import envs
 import learned_optim
 from agents.presets import resolve_config
-from meta.experiment import learning_rate_for, train_seeds
+from meta.checkpoint import CheckpointError, latest_step
+from meta.experiment import CHECKPOINT_DIR, learning_rate_for, train_seeds
 from meta.report import plot_curves, write_curve_csv, write_json
+from runtime.cache import enable_compilation_cache
 
 
 def parse_args(argv=None):
@@ -44,11 +51,20 @@ def parse_args(argv=None):
     p.add_argument("--curvature-batch-size", type=int, default=None,
                    help="rows of each minibatch that K-FAC / diag_ggn take curvature statistics from (0 = all; default 256)")
     p.add_argument("--out", default=None, help="output directory (default runs/train-ENV-OPT)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="updates between checkpoints in OUT/checkpoints (default: the first progress chunk "
+                        "boundary after every 30 s, and the end; more updates than a chunk (1/20 of the run): "
+                        "the first chunk boundary past each multiple)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (same settings as the run that wrote it)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache (also: METARL_NO_COMPILE_CACHE=1)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    enable_compilation_cache(disable=args.no_compile_cache)
     try:
         envs.expand_suites([args.env])
         learned_optim.from_spec(args.optimizer)
@@ -67,12 +83,16 @@ def main(argv=None) -> int:
         lr = learning_rate_for(args.optimizer, preset_lr, args.lr)
         if args.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.checkpoint_every is not None and args.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+        safe_opt = args.optimizer.replace("/", "_").replace(":", "-").replace(",", "_")
+        out = args.out or os.path.join("runs", f"train-{args.env}-{safe_opt}")
+        if args.resume and latest_step(os.path.join(out, CHECKPOINT_DIR)) is None:
+            raise ValueError(f"--resume: no checkpoint found in {os.path.join(out, CHECKPOINT_DIR)!r}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    safe_opt = args.optimizer.replace("/", "_").replace(":", "-").replace(",", "_")
-    out = args.out or os.path.join("runs", f"train-{args.env}-{safe_opt}")
     os.makedirs(out, exist_ok=True)
     print(
         f"PPO on {args.env} with {args.optimizer}: {args.seeds} seeds x {config.num_updates * config.batch_size:,d} "
@@ -80,8 +100,13 @@ def main(argv=None) -> int:
         f"{config.num_minibatches} minibatches); output in {out}",
         flush=True,
     )
-    result = train_seeds(args.env, args.optimizer, config, hparams, args.seeds, args.seed,
-                         log=lambda s: print(s, flush=True), learning_rate=lr)
+    try:
+        result = train_seeds(args.env, args.optimizer, config, hparams, args.seeds, args.seed,
+                             log=lambda s: print(s, flush=True), learning_rate=lr, run_dir=out,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except CheckpointError as e:  # --resume with other settings, or unreadable checkpoint files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_json(os.path.join(out, "results.json"), result)
     write_curve_csv(os.path.join(out, "curve.csv"), result["steps"], result["curves"])
     plot_curves(
@@ -94,6 +119,6 @@ def main(argv=None) -> int:
         f"final return (mean of last 10% of training): {sum(fr) / len(fr):.2f} "
         f"per seed {[round(x, 2) for x in fr]}; {result['env_steps_per_second']:,.0f} env steps/s "
         f"(compile {result['compile_seconds']:.1f}s, run {result['run_seconds']:.1f}s); "
-        f"peak RSS {result['memory']['host_peak_rss_mb']:.0f} MiB"
+        f"peak RSS {result['memory']['host_peak_rss_mb']:.0f} MiB; agents saved to {os.path.join(out, 'agent')}"
     )
     return 0

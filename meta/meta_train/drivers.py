@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import envs
-from meta.distributed import jit_placed
+from meta.distributed import jit_placed, put
 from meta.meta_train.plan import Plan
 from meta.report import plot_fitness, plot_objective
 
@@ -66,7 +66,7 @@ def es_driver(plan: Plan, refs) -> Driver:
     step_jit = jit_placed(es.step, es.state_sharding)
 
     def place(state):
-        return jax.device_put(state, es.state_sharding)
+        return put(state, es.state_sharding)
 
     def step(state):
         state, m = step_jit(state)

@@ -14,7 +14,7 @@ import jax
 from tqdm import tqdm
 
 import learned_optim
-from meta import checkpoint
+from meta import checkpoint, distributed
 from meta.meta_train import compare
 from meta.meta_train.drivers import Driver, es_driver, metagrad_driver
 from meta.meta_train.plan import Plan, plan_document
@@ -44,8 +44,9 @@ def reference_returns(plan: Plan):
         refs = compare.measure_references(plan.es, say)
     else:
         refs = [1.0] * len(plan.es.envs)
-    with open(path, "w") as f:
-        json.dump({"envs": list(plan.es.envs), "reference_returns": refs}, f, indent=2)
+    if distributed.is_main():
+        with open(path, "w") as f:
+            json.dump({"envs": list(plan.es.envs), "reference_returns": refs}, f, indent=2)
     return refs
 
 
@@ -82,17 +83,19 @@ def run(plan: Plan) -> None:
         show, save = (gen + 1) % driver.log_every == 0 or last, (gen + 1) % plan.options.checkpoint_every == 0 or last
         if show:
             say(driver.line(rows[-1]))
-        if show or save:
+        main = distributed.is_main()  # only process 0 writes; every process checkpoints (orbax)
+        if (show or save) and main:
             write_log_rows(out, rows, driver.fields)
         if save:
-            checkpoint.save(ckpt_dir, gen + 1, state, {"config": document, "logs": rows})
-            learned_optim.save(os.path.join(out, "optimizer"), plan.rule,
-                               jax.device_get(driver.meta_params(state)), overwrite=True)
-            driver.plot(out, rows)
+            checkpoint.save(ckpt_dir, gen + 1, distributed.to_host(state), {"config": document, "logs": rows})
+            meta_params = distributed.to_host(driver.meta_params(state))  # every process: it may be a program
+            if main:
+                learned_optim.save(os.path.join(out, "optimizer"), plan.rule, meta_params, overwrite=True)
+                driver.plot(out, rows)
     bar.close()
     if start >= generations:
         say(f"nothing to do: the checkpoint is already at generation {start}")
-    if plan.run.final_seeds > 0:
+    if plan.run.final_seeds > 0 and distributed.is_main():  # single-process programs
         if plan.mode == "es":
             compare.compare_with_adam(out, plan.es, plan.run.final_seeds, say)
         else:

@@ -107,7 +107,7 @@ def run_pbt(
         hist = document["history"]
         say(f"resumed from round {start} in {ckpt_dir}")
     if shardings is not None:
-        state = jax.device_put(state, shardings)
+        state = distributed.put(state, shardings)
     elif jax.device_count() > 1:
         say(f"note: group sizes {[g.size for g in groups]} do not divide over {jax.device_count()} devices; "
             "running on one device")
@@ -139,7 +139,7 @@ def run_pbt(
             f"{okf.mean() if okf.size else float('nan'):8.2f}  replaced {int(np.sum(info['replaced']))}  "
             f"bad {int(np.sum(info['bad']))}  ETA {fmt_eta(eta)}")
         if ckpt_dir and ((r + 1) % checkpoint_every == 0 or r + 1 == rounds):
-            checkpoint.save(ckpt_dir, r + 1, state, {"config": doc_config, "history": hist})
+            checkpoint.save(ckpt_dir, r + 1, distributed.to_host(state), {"config": doc_config, "history": hist})
 
     result = dict(
         config={**doc_config, "timesteps": int(timesteps)}, population=p, rounds=rounds, interval=config.interval,
