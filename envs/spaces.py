@@ -40,3 +40,19 @@ class Box:
 
 
 Space = Union[Discrete, Box]
+
+
+def from_gymnax(space: Any, what: str, env_name: str) -> Space:
+    """Our space for a gymnax ``space`` (``what``: "observation" or "action").
+
+    gymnax ``Discrete`` -> ``Discrete``, ``Box`` -> ``Box``; anything else
+    (``Dict``, ``Tuple``, ...) raises a one-line ``ValueError`` naming the env.
+    Bounds are kept as gymnax gives them (they may be traced)."""
+    from gymnax.environments import spaces as gymnax_spaces
+
+    if isinstance(space, gymnax_spaces.Discrete):
+        return Discrete(int(space.n))
+    if isinstance(space, gymnax_spaces.Box):
+        return Box(space.low, space.high, tuple(int(d) for d in space.shape))
+    kind = type(space).__name__
+    raise ValueError(f"gymnax env {env_name!r} has a {kind} {what} space; this project supports Discrete and Box")

@@ -15,8 +15,13 @@ matrix whose last row is the bias.
 
 Supplying ``layer_stats``
 -------------------------
-Our agents do it for you; in your own loop, ``learned_optim.layer_stats.dense_layer_stats``
-computes them for any flax model built from ``nn.Dense`` (see that module).
+Our agents do it for you; in your own loop, ``learned_optim.layer_stats_for``
+(or ``learned_optim.layer_stats.dense_layer_stats``) computes them for any flax
+model built from ``nn.Dense`` (see ``learned_optim.layer_stats``). Called
+without them, ``update`` raises a one-line ``ValueError`` at trace time naming
+that helper; ``allow_missing_stats=True`` instead gives a dense layer without
+statistics the plain gradient step (``fallback_scale * gradient``, counted in
+``health.fallback_updates``), so it never trains as SGD unnoticed.
 """
 
 from __future__ import annotations
@@ -91,16 +96,43 @@ def unlayer_matrix(matrix: jax.Array, like: Any) -> Any:
 # Statistics lookup and validation ---------------------------------------------------
 
 
-def missing_stats_message(who: str) -> str:
+def missing_stats_message(who: str, what: str = "update() got no layer_stats") -> str:
+    """The one-line error for missing statistics: names the helper and the opt-out."""
+    name = who.removeprefix("scale_by_")
     return (
-        f"{who} needs per-example statistics of every dense layer: call "
-        f"tx.update(grads, state, params, layer_stats=...) with a tree shaped like params where each "
-        f"dense layer's {{'kernel', 'bias'}} dict is replaced by "
-        f"learned_optim.LayerStats(inputs=[B, in], preact_grads=[B, out]). Our agents supply it "
-        f"automatically (they ask learned_optim.required_stats(tx, params)); in your own loop, "
-        f"learned_optim.layer_stats.dense_layer_stats(model, variables, x, sampled_loglik, key) computes "
-        f"it for a flax model (see the learned_optim.layer_stats docstring)."
+        f"{who}: {what}, so it would train as plain SGD; in your own loop pass "
+        f"layer_stats=learned_optim.layer_stats_for(model, params, x, key) at every step (built on "
+        f"learned_optim.dense_layer_stats; our agents pass it themselves), or build the optimizer with "
+        f"allow_missing_stats=True (spec '{name}:allow_missing_stats=1') to take plain gradient steps where "
+        f"statistics are missing"
     )
+
+
+def has_layer_stats(layer_stats: Any, path: Sequence[Any]) -> bool:
+    """Whether ``layer_stats`` holds a ``LayerStats`` with inputs and preact_grads at ``path``."""
+    stats = None if layer_stats is None else _lookup(layer_stats, path)
+    return isinstance(stats, LayerStats) and stats.inputs is not None and stats.preact_grads is not None
+
+
+def missing_layers(layer_stats: Any, pairs, allow_missing: bool) -> List[bool]:
+    """Per ``(path, node)``: a dense layer without statistics, which may then take
+    a plain gradient step (``allow_missing``); all False otherwise (the lookup
+    raises later)."""
+    if not allow_missing:
+        return [False] * len(pairs)
+    return [is_dense(node) and not has_layer_stats(layer_stats, path) for path, node in pairs]
+
+
+def check_has_dense(pairs, who: str, allow_missing: bool) -> None:
+    """A params tree without dense layers would take first-order steps only:
+    a ``ValueError`` at trace time unless ``allow_missing``."""
+    if not allow_missing and not any(is_dense(node) for _, node in pairs):
+        name = who.removeprefix("scale_by_")
+        raise ValueError(
+            f"{who}: the params tree has no dense layers ({{'kernel': [in, out], 'bias': [out]}} dicts, as "
+            f"flax.linen.Dense makes), so every leaf would take a plain first-order step; build it with "
+            f"allow_missing_stats=True (spec '{name}:allow_missing_stats=1') if that is what you want"
+        )
 
 
 def _lookup(tree: Any, path: Sequence[Any]) -> Any:
@@ -131,10 +163,9 @@ def layer_inputs_and_grads(
     stats = _lookup(layer_stats, path)
     where = path_str(path)
     if not isinstance(stats, LayerStats) or stats.inputs is None or stats.preact_grads is None:
-        raise ValueError(
-            f"{who}: layer_stats has no LayerStats with inputs and preact_grads for dense layer "
-            f"{where!r} (found {type(stats).__name__}). " + missing_stats_message(who)
-        )
+        raise ValueError(missing_stats_message(
+            who, f"layer_stats has no LayerStats with inputs and preact_grads for dense layer {where!r} "
+                 f"(found {type(stats).__name__})"))
     n_in, n_out, has_bias = layer_dims(node)
     a, g = jnp.asarray(stats.inputs), jnp.asarray(stats.preact_grads)
     if a.ndim < 1 or a.shape[-1] != n_in:

@@ -27,8 +27,10 @@ diagonal natural-gradient step (``lambda`` in Fisher units, like K-FAC's
 damping); ``"sqrt"`` behaves like Adam with the per-example Fisher diagonal
 in place of the squared mean gradient (``lambda`` plays Adam's eps).
 
-Non-dense leaves, the norm constraint and the safety nets are as in
-``learned_optim.kfac`` (there is no factorisation here, so
+Non-dense leaves, the norm constraint, the safety nets and missing
+statistics (a one-line ``ValueError`` naming ``learned_optim.layer_stats_for``,
+unless ``allow_missing_stats=True``, spec ``diag_ggn:allow_missing_stats=1``)
+are as in ``learned_optim.kfac`` (there is no factorisation here, so
 ``health.failed_factorizations`` stays 0).
 """
 
@@ -42,7 +44,7 @@ import optax
 
 from learned_optim import curvature as cv
 from learned_optim.second_order import (SPEC_NUMBERS, CurvatureState, check_common, effective_damping,
-                                        first_order_leaf, layerwise_transform, safe_step)
+                                        first_order_leaf, layerwise_transform, missing_stats_step, safe_step)
 from learned_optim.spec import parse_kwargs
 
 MODES = ("natural", "sqrt")
@@ -86,19 +88,29 @@ def scale_by_diag_ggn(
     learning_rate: float = 1.0,
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
+    allow_missing_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions dense layers by the damped Fisher diagonal (see module
-    docstring); ``update`` needs ``layer_stats``. ``learning_rate`` is used only
-    by the norm constraint. Returns steps with the gradient's sign."""
-    _check_static(mode, first_order, min_damping, fallback_scale)
+    docstring); ``update`` needs ``layer_stats`` (``allow_missing_stats``: a
+    layer without them takes ``fallback_scale * gradient``, counted in
+    ``health.fallback_updates``). ``learning_rate`` is used only by the norm
+    constraint. Returns steps with the gradient's sign."""
+    _check_static(mode, first_order, min_damping, fallback_scale, allow_missing_stats)
+    allow_missing = bool(allow_missing_stats)
 
     def layer_steps(pairs, layer_states, state, layer_stats):
         decay = jnp.asarray(ema_decay, jnp.float32)
         lam, lam_ok = effective_damping(damping, min_damping)
         outs, new_states, skipped, fell_back = [], [], [], []
-        for (path, node), ls in zip(pairs, layer_states):
+        missing = cv.missing_layers(layer_stats, pairs, allow_missing)
+        for (path, node), ls, miss in zip(pairs, layer_states, missing):
             if not cv.is_dense(node):
                 first_order_leaf(node, ls, first_order, outs, new_states)
+                continue
+            if miss:
+                outs.append(cv.unlayer_matrix(missing_stats_step(cv.layer_matrix(node), fallback_scale), node))
+                new_states.append(ls)
+                fell_back.append(jnp.asarray(True))
                 continue
             a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
             batch = jnp.square(a).T @ jnp.square(g) / a.shape[0]
@@ -118,28 +130,28 @@ def scale_by_diag_ggn(
         return outs, new_states, cv.next_health(state.health, skipped, fell_back)
 
     return layerwise_transform(_WHO, ScaleByDiagGGNState, _init_layer, _is_layer_state, layer_steps,
-                               norm_constraint, learning_rate)
+                               norm_constraint, learning_rate, allow_missing)
 
 
-def _check_static(mode, first_order, min_damping, fallback_scale):
+def _check_static(mode, first_order, min_damping, fallback_scale, allow_missing_stats=False):
     if mode not in MODES:
         raise ValueError(f"diag_ggn: mode={mode!r}; allowed: {', '.join(MODES)}")
-    check_common("diag_ggn", first_order, min_damping, fallback_scale)
+    check_common("diag_ggn", first_order, min_damping, fallback_scale, allow_missing_stats)
 
 
 def _diag_ggn_chain(learning_rate, damping, ema_decay, norm_constraint, mode, first_order,
-                    min_damping, fallback_scale):
+                    min_damping, fallback_scale, allow_missing_stats=False):
     return optax.chain(
         scale_by_diag_ggn(
             damping=damping, ema_decay=ema_decay, mode=mode, first_order=first_order,
             norm_constraint=norm_constraint, learning_rate=learning_rate, min_damping=min_damping,
-            fallback_scale=fallback_scale,
+            fallback_scale=fallback_scale, allow_missing_stats=allow_missing_stats,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
-_STATIC = ("mode", "first_order", "min_damping", "fallback_scale")
+_STATIC = ("mode", "first_order", "min_damping", "fallback_scale", "allow_missing_stats")
 
 
 def diag_ggn(
@@ -151,16 +163,19 @@ def diag_ggn(
     first_order: str = "sgd",
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
+    allow_missing_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Diagonal GGN: ``-learning_rate * scale_by_diag_ggn(...)``, with
     ``learning_rate``, ``damping``, ``ema_decay``, ``norm_constraint`` injected
-    (``norm_constraint=0`` disables it). ``ValueError`` on bad settings."""
+    (``norm_constraint=0`` disables it). ``allow_missing_stats``: see
+    ``scale_by_diag_ggn``. ``ValueError`` on bad settings."""
     cv.check_injected("diag_ggn", learning_rate, damping, ema_decay, norm_constraint)
-    _check_static(mode, first_order, min_damping, fallback_scale)
+    _check_static(mode, first_order, min_damping, fallback_scale, allow_missing_stats)
     return optax.inject_hyperparams(_diag_ggn_chain, static_args=_STATIC)(
         learning_rate=learning_rate, damping=damping, ema_decay=ema_decay,
         norm_constraint=norm_constraint, mode=mode, first_order=first_order,
         min_damping=min_damping, fallback_scale=fallback_scale,
+        allow_missing_stats=bool(allow_missing_stats),
     )
 
 
@@ -169,10 +184,12 @@ SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "norm": "norm_constra
 
 def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``diag_ggn:lr=0.01,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
-    mode=natural|sqrt,first_order=sgd|rms,min_damping=1e-8`` (aliases: ema, norm)."""
+    mode=natural|sqrt,first_order=sgd|rms,min_damping=1e-8,allow_missing_stats=0|1``
+    (aliases: ema, norm)."""
     kwargs = parse_kwargs(
         arg,
         SPEC_NUMBERS,
+        integer=("allow_missing_stats",),
         choices={"mode": MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
         spec=spec,

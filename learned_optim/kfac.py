@@ -17,17 +17,21 @@ model, not divided by ``B``). Our agents supply it because the state asks for
 it (``ScaleByKFACState.required_stats``). In your own loop, for a flax model
 made of ``nn.Dense`` layers::
 
-    from learned_optim.layer_stats import dense_layer_stats, categorical_sampled_loglik
     tx = kfac(learning_rate=0.05, damping=1e-3)
     opt_state = tx.init(params)
     grads = jax.grad(loss_fn)(params, x, y)
-    stats = dense_layer_stats(model, {"params": params}, x, categorical_sampled_loglik, key)
+    stats = learned_optim.layer_stats_for(model, params, x, key)   # loss="mse" for regression
     updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
 
-(``dense_layer_stats`` intercepts each ``nn.Dense`` call: it records the
-input and differentiates through a zero perturbation added to the output,
-like flax's ``Module.perturb``; see ``learned_optim.layer_stats``.) Without
-``layer_stats``, ``update`` raises a ``ValueError`` saying this, at trace time.
+(``layer_stats_for`` wraps ``dense_layer_stats``, which intercepts each
+``nn.Dense`` call: it records the input and differentiates through a zero
+perturbation added to the output, like flax's ``Module.perturb``; see
+``learned_optim.layer_stats``.) Without ``layer_stats``, ``update`` raises a
+one-line ``ValueError`` naming that helper, at trace time; so does a params
+tree with no dense layers. ``allow_missing_stats=True`` (spec
+``kfac:allow_missing_stats=1``) instead gives each dense layer without
+statistics the plain gradient step ``fallback_scale * gradient`` (its factors
+unchanged), counted in ``state.health.fallback_updates``.
 
 What it computes, per dense layer (``learned_optim.curvature`` says which
 parameters count as dense)
@@ -106,7 +110,7 @@ from runtime.platform import one_matrix_at_a_time
 from learned_optim import curvature as cv
 from learned_optim.context import any_member
 from learned_optim.second_order import (SPEC_NUMBERS, CurvatureState, check_common, effective_damping,
-                                        first_order_leaf, layerwise_transform, safe_step)
+                                        first_order_leaf, layerwise_transform, missing_stats_step, safe_step)
 from learned_optim.spec import parse_kwargs
 
 DAMPING_MODES = ("exact", "factored")
@@ -242,22 +246,27 @@ def scale_by_kfac(
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
     factor_update_period: int = 1,
+    allow_missing_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Preconditions the gradient with damped block-diagonal K-FAC.
 
     ``update(grads, state, params=None, *, layer_stats, **ignored)``: needs
-    ``layer_stats`` (see ``learned_optim.context``) for every dense layer.
+    ``layer_stats`` (see ``learned_optim.context``) for every dense layer
+    (``allow_missing_stats``: a layer without them takes ``fallback_scale *
+    gradient``, counted in ``health.fallback_updates``).
     ``learning_rate`` is used only by the norm constraint (the step itself is
     not scaled: chain ``scale_by_learning_rate``, or use ``kfac``). Returns
     ``+F^-1 g`` (same sign as the gradient).
     """
     _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
-                  factor_update_period)
+                  factor_update_period, allow_missing_stats)
+    allow_missing = bool(allow_missing_stats)
     period = int(inverse_update_period)
     fperiod = int(factor_update_period)
 
     def layer_steps(pairs, layer_states, state, layer_stats):
         decay = jnp.asarray(ema_decay, jnp.float32)
+        missing = cv.missing_layers(layer_stats, pairs, allow_missing)  # static, per layer
 
         # 1. Factor EMAs from this minibatch's per-example statistics, every
         #    ``factor_update_period`` steps of each member's own count.
@@ -265,8 +274,8 @@ def scale_by_kfac(
 
         def update_factors(states):
             out, skipped = [], []
-            for (path, node), ls in zip(pairs, states):
-                if not cv.is_dense(node):
+            for (path, node), ls, miss in zip(pairs, states, missing):
+                if not cv.is_dense(node) or miss:
                     out.append(ls)
                     continue
                 a, g = cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
@@ -286,8 +295,8 @@ def scale_by_kfac(
         if fperiod == 1:
             new_states, skipped = update_factors(layer_states)
         else:
-            for (path, node) in pairs:  # missing statistics: a clear error at trace time, not inside cond
-                if cv.is_dense(node):
+            for (path, node), miss in zip(pairs, missing):  # missing statistics: an error at trace time
+                if cv.is_dense(node) and not miss:
                     cv.layer_inputs_and_grads(layer_stats, path, node, _WHO)
             new_states, skipped = jax.lax.cond(
                 any_member(stats_due), update_factors,
@@ -308,11 +317,16 @@ def scale_by_kfac(
         # 3. Damped preconditioning; first-order steps for other leaves.
         lam, lam_ok = effective_damping(damping, min_damping)
         outs, fell_back, final_states = [], [], []
-        for (path, node), ls in zip(pairs, new_states):
+        for (path, node), ls, miss in zip(pairs, new_states, missing):
             if not cv.is_dense(node):
                 first_order_leaf(node, ls, first_order, outs, final_states)
                 continue
             v = cv.layer_matrix(node)
+            if miss:
+                outs.append(cv.unlayer_matrix(missing_stats_step(v, fallback_scale), node))
+                final_states.append(ls)
+                fell_back.append(jnp.asarray(True))
+                continue
             u, ok = safe_step(kfac_precondition(ls, v, lam, damping_mode), v, lam_ok, fallback_scale)
             outs.append(cv.unlayer_matrix(u, node))
             final_states.append(ls)
@@ -320,34 +334,35 @@ def scale_by_kfac(
         return outs, final_states, cv.next_health(state.health, [skipped], fell_back, failed)
 
     return layerwise_transform(_WHO, ScaleByKFACState, _init_layer, _is_layer_state, layer_steps,
-                               norm_constraint, learning_rate)
+                               norm_constraint, learning_rate, allow_missing)
 
 
 def _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
-                  factor_update_period=1):
+                  factor_update_period=1, allow_missing_stats=False):
     for name, v in (("inverse_update_period", inverse_update_period), ("factor_update_period", factor_update_period)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"kfac: {name} must be an integer >= 1, got {v!r}")
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"kfac: damping_mode={damping_mode!r}; allowed: {', '.join(DAMPING_MODES)}")
-    check_common("kfac", first_order, min_damping, fallback_scale)
+    check_common("kfac", first_order, min_damping, fallback_scale, allow_missing_stats)
 
 
 def _kfac_chain(learning_rate, damping, ema_decay, norm_constraint, inverse_update_period,
-                damping_mode, first_order, min_damping, fallback_scale, factor_update_period):
+                damping_mode, first_order, min_damping, fallback_scale, factor_update_period,
+                allow_missing_stats=False):
     return optax.chain(
         scale_by_kfac(
             damping=damping, ema_decay=ema_decay, inverse_update_period=inverse_update_period,
             damping_mode=damping_mode, first_order=first_order, norm_constraint=norm_constraint,
             learning_rate=learning_rate, min_damping=min_damping, fallback_scale=fallback_scale,
-            factor_update_period=factor_update_period,
+            factor_update_period=factor_update_period, allow_missing_stats=allow_missing_stats,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
 _STATIC = ("inverse_update_period", "damping_mode", "first_order", "min_damping", "fallback_scale",
-           "factor_update_period")
+           "factor_update_period", "allow_missing_stats")
 
 
 def kfac(
@@ -361,21 +376,25 @@ def kfac(
     min_damping: float = 1e-8,
     fallback_scale: float = 1.0,
     factor_update_period: int = 1,
+    allow_missing_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: ``-learning_rate * scale_by_kfac(...)``, hyperparameters injected.
 
     ``learning_rate``, ``damping``, ``ema_decay`` and ``norm_constraint`` live
     in ``state.hyperparams`` (float32); the rest is static. ``norm_constraint
-    = 0`` disables the constraint. Raises ``ValueError`` on bad settings.
+    = 0`` disables the constraint. ``allow_missing_stats``: see
+    ``scale_by_kfac`` (default: missing ``layer_stats`` is an error). Raises
+    ``ValueError`` on bad settings.
     """
     cv.check_injected("kfac", learning_rate, damping, ema_decay, norm_constraint)
     _check_static(inverse_update_period, damping_mode, first_order, min_damping, fallback_scale,
-                  factor_update_period)
+                  factor_update_period, allow_missing_stats)
     return optax.inject_hyperparams(_kfac_chain, static_args=_STATIC)(
         learning_rate=learning_rate, damping=damping, ema_decay=ema_decay,
         norm_constraint=norm_constraint, inverse_update_period=inverse_update_period,
         damping_mode=damping_mode, first_order=first_order, min_damping=min_damping,
         fallback_scale=fallback_scale, factor_update_period=factor_update_period,
+        allow_missing_stats=bool(allow_missing_stats),
     )
 
 
@@ -386,11 +405,12 @@ SPEC_ALIASES = {"lr": "learning_rate", "ema": "ema_decay", "period": "inverse_up
 def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
     """``kfac:lr=0.05,damping=1e-3,ema_decay=0.95,norm_constraint=1e-3,
     inverse_update_period=5,factor_update_period=1,damping_mode=exact|factored,
-    first_order=sgd|rms,min_damping=1e-8`` (aliases: ema, period, fperiod, norm, mode)."""
+    first_order=sgd|rms,min_damping=1e-8,allow_missing_stats=0|1`` (aliases: ema,
+    period, fperiod, norm, mode)."""
     kwargs = parse_kwargs(
         arg,
         SPEC_NUMBERS,
-        integer=("inverse_update_period", "factor_update_period"),
+        integer=("inverse_update_period", "factor_update_period", "allow_missing_stats"),
         choices={"damping_mode": DAMPING_MODES, "first_order": cv.FIRST_ORDER_MODES},
         aliases=SPEC_ALIASES,
         spec=spec,

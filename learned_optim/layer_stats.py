@@ -3,12 +3,15 @@ K-FAC and diagonal GGN (``inputs``, ``preact_grads``) and OPEN's dormancy
 (``outputs``) consume (``learned_optim.context.LayerStats``).
 
 One function, ``dense_layer_stats``, serves our agents (PPO, A2C, TD3) and
-your own flax model alike; the model needs no change::
+your own flax model alike; the model needs no change. In your own optax loop,
+``layer_stats_for`` wraps it for the common losses::
 
-    tx = learned_optim.from_spec("kfac:lr=0.05,damping=1e-3")
-    stats = dense_layer_stats(model, {"params": params}, x,
-                              categorical_sampled_loglik, key)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), learned_optim.from_spec("kfac"))
+    stats = learned_optim.layer_stats_for(model, params, x, key)   # softmax cross-entropy
     updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+
+(``loss="mse"`` for a squared-error regression; or ``dense_layer_stats(model,
+{"params": params}, x, categorical_sampled_loglik, key)`` directly.)
 
 How. Every ``nn.Dense.__call__`` is intercepted (flax's
 ``nn.intercept_methods``): its input is recorded and a zero perturbation is
@@ -32,7 +35,7 @@ nesting of stats trees: ``{"actor": dense_layer_stats(actor, ...), ...}``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +121,65 @@ def dense_layer_stats(
             preact_grads=grads.get(path),
         ))
     return tree
+
+
+# What a loss's Fisher samples: the model's own predictive distribution.
+SAMPLED_LOGLIKS: Dict[str, Callable[[Any, jax.Array], jax.Array]] = {
+    "softmax_cross_entropy": categorical_sampled_loglik,  # logits [B, C]
+    "mse": gaussian_sampled_loglik,                         # predictions [B, ...]
+}
+
+
+def layer_stats_for(
+    model: Any,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    loss: Union[str, Callable[[Any, jax.Array], jax.Array]] = "softmax_cross_entropy",
+    kinds: Iterable[str] = CURVATURE_KINDS,
+    curvature_rows: int = 0,
+    **apply_kwargs: Any,
+) -> Dict[str, Any]:
+    """The ``layer_stats`` K-FAC and diagonal GGN need, for your own flax model
+    and loss on a batch ``x [B, ...]``: pass the result to ``tx.update(...,
+    layer_stats=...)`` at every step (fresh ``key`` each time).
+
+    model:  a ``flax.linen.Module`` whose dense layers are ``nn.Dense`` (any
+            activations, nesting, submodules); called as ``model.apply({"params":
+            ...}, x, **apply_kwargs)``.
+    params: the tree the optimizer updates: the model's params, or the whole
+            variables dict ``{"params": ...}`` that ``model.init`` returns (then
+            the statistics nest under ``"params"`` too).
+    loss:   what the model's output is trained with, which fixes the
+            distribution targets are sampled from for the Fisher:
+            ``"softmax_cross_entropy"`` (output = logits ``[B, C]``; a label is
+            sampled from ``softmax(logits)``) or ``"mse"`` (output = prediction;
+            a target is sampled from ``N(prediction, 1)``); or your own
+            ``(output, key) -> [B]`` sampled-target log-likelihood.
+    kinds, curvature_rows: as in ``dense_layer_stats``.
+    Raises ``ValueError`` if the model calls no ``nn.Dense``. The statistics
+    carry no gradient; the cost is one extra forward-backward pass."""
+    if callable(loss):
+        sampled_loglik = loss
+    elif loss in SAMPLED_LOGLIKS:
+        sampled_loglik = SAMPLED_LOGLIKS[loss]
+    else:
+        raise ValueError(f"layer_stats_for: loss={loss!r}; allowed: {', '.join(SAMPLED_LOGLIKS)}, "
+                         f"or a callable (output, key) -> [B] sampled-target log-likelihood")
+    whole = _is_variables(params)
+    variables = {**params} if whole else {"params": params}
+    stats = dense_layer_stats(model, variables, x, sampled_loglik, key, kinds=kinds,
+                              curvature_rows=curvature_rows, **apply_kwargs)
+    if not stats:
+        raise ValueError(f"layer_stats_for: {type(model).__name__} calls no flax.linen.Dense layer; "
+                         f"K-FAC and diagonal GGN precondition nn.Dense layers only")
+    return {"params": stats} if whole else stats
+
+
+def _is_variables(tree: Any) -> bool:
+    """A flax variables dict (``{"params": {...}, ...}``) rather than a params tree."""
+    return hasattr(tree, "keys") and "params" in tree and hasattr(tree["params"], "keys")
 
 
 # The passes --------------------------------------------------------------------------

@@ -35,12 +35,17 @@ carried in the optimizer state across all updates.
 Published weights: ``load_open_weights(path)`` / ``from_spec("open:PATH.npy")``
 read the flat float32 vector of 1211 (GRU 8, MLP 16) or 3571 (GRU 16, MLP 32)
 floats, in JAX tree order over ``{"gru_params": GRUCell vars, "params":
-Sequential MLP vars}``.
+Sequential MLP vars}``. The three vectors published with the paper ship with
+this package (``learned_optim/weights/open/``, Apache-2.0, with their LICENSE
+and provenance): ``from_spec("open:breakout")`` (or ``freeway``,
+``gridworld``; ``PUBLISHED_OPEN``) and ``load_published_open_weights(name)``
+read them from the installed package, in any working directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 from typing import Any, ClassVar, NamedTuple, Tuple
 
@@ -316,6 +321,26 @@ def load_open_weights(path: str) -> Tuple[OpenRule, Any]:
     return rule, rule.unflatten(flat.astype(np.float32))
 
 
+# The published vectors shipped as package data: ``weights/open/NAME_OPEN.npy``
+# (Goldie et al. 2024, AlexGoldie/rl-learned-optimization, Apache-2.0).
+PUBLISHED_OPEN = ("breakout", "freeway", "gridworld")
+
+
+def load_published_open_weights(name: str) -> Tuple[OpenRule, Any]:
+    """(rule, meta_params) of a published OPEN optimizer shipped with the
+    package, by name (``PUBLISHED_OPEN``, case-insensitive); unknown ->
+    ``ValueError`` listing the names."""
+    key = name.strip().lower()
+    if key not in PUBLISHED_OPEN:
+        raise ValueError(
+            f"no published OPEN weights named {name!r}; available: {', '.join(PUBLISHED_OPEN)} "
+            f"(a path ending in .npy is also accepted)"
+        )
+    resource = importlib.resources.files("learned_optim").joinpath("weights", "open", f"{key}_OPEN.npy")
+    with importlib.resources.as_file(resource) as path:
+        return load_open_weights(os.fspath(path))
+
+
 # Spec builders (``learned_optim.registry``) -----------------------------------------
 
 
@@ -329,10 +354,28 @@ def _looks_like_path(arg: str) -> bool:
     return bool(a) and ("=" not in a or a.endswith(".npy") or os.sep in a)
 
 
+def _is_bare_name(arg: str) -> bool:
+    """``breakout`` (a name), not ``x.npy``, ``dir/x``, or ``seed=1``."""
+    a = arg.strip()
+    return bool(a) and "=" not in a and "/" not in a and os.sep not in a and not a.lower().endswith(".npy")
+
+
 def from_spec_arg(arg: str, spec: str) -> optax.GradientTransformationExtraArgs:
-    """``open:PATH.npy`` (published weights) or ``open[:seed=N]`` (fresh, small)."""
+    """``open:NAME`` (shipped published weights, ``PUBLISHED_OPEN``),
+    ``open:PATH.npy`` (weights from a file) or ``open[:seed=N]`` (fresh, small).
+
+    A bare word that is not a shipped name but is an existing file is read as
+    a path (as before names existed); otherwise it is a ``ValueError`` listing
+    the names."""
+    a = arg.strip()
+    if _is_bare_name(a) and (a.lower() in PUBLISHED_OPEN or not os.path.isfile(a)):
+        try:
+            rule, meta_params = load_published_open_weights(a)
+        except ValueError as e:
+            raise ValueError(f"optimizer spec {spec!r}: {e}") from None
+        return rule.make_optimizer(meta_params)
     if _looks_like_path(arg):
-        rule, meta_params = load_open_weights(arg.strip())
+        rule, meta_params = load_open_weights(a)
         return rule.make_optimizer(meta_params)
     return _fresh(OPEN_SMALL, arg, spec)
 

@@ -9,7 +9,9 @@ class. The names::
     adam adamw sgd rmsprop lion   optax, hyperparameters injected
                                   (``adam:lr=1e-3,b1=0.9,b2=0.999,eps=1e-8``)
     kfac diag_ggn                 second order (``learned_optim.kfac``, ``.diag_ggn``)
-    open[:seed=N] | open:PATH.npy OPEN, fresh or with published weights
+    open[:seed=N] | open:NAME     OPEN, fresh or with the published weights shipped
+    | open:PATH.npy               with the package (NAME: breakout, freeway,
+                                  gridworld) or read from a file
     open_large[:seed=N]           OPEN's larger architecture, fresh
     optim4rl mlp gru lstm         other learned rules, fresh (``:seed=N,...``)
     lopt:DIR                      a learned optimizer written by ``save``
@@ -131,7 +133,7 @@ _ENTRIES: Dict[str, OptimizerInfo] = {e.name: e for e in (
     OptimizerInfo("diag_ggn", diag_ggn.from_spec_arg, 0.01, lr_bounds=(1e-4, 0.3), cpu_speed=0.7,
                   doc="diag_ggn[:lr=0.01,damping=1e-3,ema=0.95,norm=1e-3,mode=natural|sqrt,...]"),
     OptimizerInfo("open", open_.from_spec_arg, None, cpu_speed=0.25, rule=open_.OpenRule,
-                  doc="open[:seed=N] (fresh) | open:PATH.npy (published weights)"),
+                  doc="open[:seed=N] (fresh) | open:breakout|freeway|gridworld (published, shipped) | open:PATH.npy"),
     OptimizerInfo("open_large", open_.large_from_spec_arg, None, cpu_speed=0.2, rule=open_.OpenRule,
                   rule_settings={"gru_features": 16, "hidden_size": 32}, doc="open_large[:seed=N]"),
     OptimizerInfo("optim4rl", optim4rl.from_spec_arg, optim4rl.Optim4RLRule.learning_rate,

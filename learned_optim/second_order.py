@@ -48,10 +48,12 @@ def layerwise_transform(
     layer_steps: LayerSteps,
     norm_constraint: Any,
     learning_rate: Any,
+    allow_missing_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The optax transform around ``layer_steps`` (``state_cls``: a
     ``CurvatureState`` subclass; ``init_dense(layer dict)`` a dense layer's
-    initial state). Its updates have the gradient's sign."""
+    initial state). Its updates have the gradient's sign. A params tree
+    without dense layers is a ``ValueError`` unless ``allow_missing_stats``."""
 
     def init_fn(params):
         return state_cls(
@@ -63,6 +65,7 @@ def layerwise_transform(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         pairs, treedef, layer_states = cv.pair_layer_states(updates, state.layers, is_layer_state, who)
+        cv.check_has_dense(pairs, who, allow_missing_stats)
         outs, new_states, health = layer_steps(pairs, layer_states, state, extra_args.get("layer_stats"))
         new_state = state_cls(
             count=optax.safe_increment(state.count),
@@ -88,8 +91,17 @@ def safe_step(u: jax.Array, v: jax.Array, damping_ok: jax.Array, fallback_scale:
     return jnp.where(ok, u, fallback_scale * v.astype(jnp.float32)), ok
 
 
-def check_common(who: str, first_order: str, min_damping: float, fallback_scale: float) -> None:
+def missing_stats_step(v: jax.Array, fallback_scale: float) -> jax.Array:
+    """A dense layer's step without statistics (``allow_missing_stats``): the
+    plain gradient matrix ``v`` times ``fallback_scale``."""
+    return fallback_scale * v.astype(jnp.float32)
+
+
+def check_common(who: str, first_order: str, min_damping: float, fallback_scale: float,
+                 allow_missing_stats: Any = False) -> None:
     """Checks the static settings both optimizers take."""
+    if not isinstance(allow_missing_stats, (bool, int)) or allow_missing_stats not in (0, 1):
+        raise ValueError(f"{who}: allow_missing_stats must be True/False (spec: 1/0), got {allow_missing_stats!r}")
     cv.check_first_order(first_order, who)
     cv.check_number("min_damping", min_damping, who)
     cv.check_number("fallback_scale", fallback_scale, who)

@@ -3,6 +3,7 @@
     adam                      a name (``learned_optim.registry.names()``)
     adam:lr=1e-3,eps=1e-5     keyword settings after a colon, comma separated
     open:PATH.npy / lopt:DIR  or a path, for optimizers read from files
+    open:breakout             or a name the optimizer knows (shipped weights)
 
 This module only parses such strings; ``learned_optim.registry`` knows the
 optimizers and builds them (``learned_optim.from_spec``).
