@@ -88,7 +88,8 @@ def dense_layer_stats(
                     always from all ``B`` rows.
     Returns a tree shaped like ``variables["params"]`` down to the dense
     layers, each replaced by ``LayerStats(inputs [R, in], outputs [B, out],
-    preact_grads [R, out])``. One forward-backward pass on the ``R`` rows when
+    preact_grads [R, out])`` (the ``LayerStats`` itself for a bare ``nn.Dense``,
+    whose params are the layer). One forward-backward pass on the ``R`` rows when
     ``preact_grads`` are asked for, plus one forward pass on all rows when
     ``outputs`` are and ``R < B``. The statistics carry no gradient.
     """
@@ -112,14 +113,17 @@ def dense_layer_stats(
         inputs = inputs or {path: a[:rows] for path, a in io_inputs.items()}
     tree: Dict[str, Any] = {}
     for path in inputs or outputs:
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = jax.lax.stop_gradient(LayerStats(
+        stats = jax.lax.stop_gradient(LayerStats(
             inputs=inputs[path] if "inputs" in kinds else None,
             outputs=outputs[path] if want_outputs else None,
             preact_grads=grads.get(path),
         ))
+        if not path:  # the model is a bare nn.Dense: its params are the layer itself
+            return stats
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = stats
     return tree
 
 

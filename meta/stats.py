@@ -16,7 +16,9 @@ def stderr(x) -> float:
 
 def iqm(x) -> float:
     """Interquartile mean: the mean of the middle 50% of the sorted values
-    (fractional weights at the 25%/75% cut points, as in rliable)."""
+    (fractional weights at the 25%/75% cut points; rliable's
+    ``scipy.stats.trim_mean`` trims whole values instead, which differs when
+    ``n`` is not a multiple of 4)."""
     x = np.sort(np.asarray(x, np.float64).ravel())
     n = x.size
     if n == 0:

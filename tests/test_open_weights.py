@@ -35,8 +35,8 @@ def test_name_gives_the_published_vector_from_any_directory(name, tmp_path, monk
 @pytest.mark.skipif(not os.path.isdir(ANCHOR_DIR), reason="../shared/anchors/open not present")
 def test_spec_by_name_equals_spec_by_path(tmp_path, monkeypatch):
     path = os.path.join(ANCHOR_DIR, "breakout_OPEN.npy")
-    params = {"actor": {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (3, 4)), "bias": np.zeros(4, np.float32)}},
-              "critic": {"Dense_0": {"kernel": jax.random.normal(jax.random.key(1), (3, 1)), "bias": np.zeros(1, np.float32)}}}
+    dense = lambda k, n: {"kernel": jax.random.normal(jax.random.key(k), (3, n)), "bias": np.zeros(n, np.float32)}  # noqa: E731
+    params = {"actor": {"Dense_0": dense(0, 4)}, "critic": {"Dense_0": dense(1, 1)}}
     grads = jax.tree.map(lambda x: 0.1 * np.ones_like(x), params)
 
     def first_update(spec):
