@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--gpbt-pairing", default=None,
                    help="gpbt: quantile (the official code's: the bottom 25%% learn from a random top-25%% member; "
                         "default) or random (the paper's text: random pairs)")
+    p.add_argument("--pb2-history", type=int, default=None,
+                   help=f"pb2: data rows the GP fits, newest kept (default {pbt.PBTConfig.pb2_history}, the "
+                        f"shortest window Ray's PB2 fits; its cost grows as rows^3)")
     p.add_argument("--window", type=int, default=None,
                    help=f"fitness window: returns of the latest finished episodes kept per member "
                         f"(default {pbt.PBTConfig.window})")
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
                      if v is not None}
         pbt_overrides = {k: v for k, v in dict(
             truncation_fraction=args.truncation_fraction, resample_prob=args.resample_prob, window=args.window,
-            ttest_alpha=args.ttest_alpha, gpbt_pairing=args.gpbt_pairing).items() if v is not None}
+            ttest_alpha=args.ttest_alpha, gpbt_pairing=args.gpbt_pairing,
+            pb2_history=args.pb2_history).items() if v is not None}
         tune = [t.strip() for t in args.tune.split(",")] if args.tune else None
         kwargs = dict(
             agent_kind=args.agent, env=args.env, groups=groups, algo=args.algo, population=args.population,

@@ -54,9 +54,8 @@ class PBTConfig:
     gpbt_w2: float = 1.0  # weight of the pull toward the faster member
     gpbt_pairing: str = "quantile"  # the official code's; "random": the paper's text
     gpbt_quantile: float = 0.25  # the official code's quantile_fraction
-    pb2_history_rounds: int = 8  # PB2 keeps P * this many observations
-    pb2_candidates: int = 256
-    pb2_kappa: float = 1.5
+    pb2_history: int = 200  # PB2's data rows kept, newest first (Ray keeps 1000; see meta/pbt/pb2.py)
+    pb2_candidates: int = 256  # random points scored before the acquisition's gradient refinement
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -65,7 +64,7 @@ class PBTConfig:
             raise ValueError(f"--exploit {self.exploit!r}; allowed: {', '.join(EXPLOITS)}")
         if self.explore not in EXPLORES:
             raise ValueError(f"--explore {self.explore!r}; allowed: {', '.join(EXPLORES)}")
-        for f in ("interval", "window", "pb2_history_rounds", "pb2_candidates"):
+        for f in ("interval", "window", "pb2_history", "pb2_candidates"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ValueError(f"PBTConfig.{f} (--{f.replace('_', '-')}) must be a positive integer, "
                                  f"got {getattr(self, f)!r}")
@@ -195,7 +194,7 @@ def make_pbt(config: PBTConfig, agents: Sequence[MemberAgent], groups: Sequence[
     low = jnp.asarray(np.repeat(np.array([s.low for s in spaces], np.float32), sizes, axis=0))  # [P, H]
     high = jnp.asarray(np.repeat(np.array([s.high for s in spaces], np.float32), sizes, axis=0))
     codes = jnp.asarray(codes_np)
-    n_hist = p * config.pb2_history_rounds
+    n_hist = config.pb2_history
     interval = config.interval
 
     def hparams_matrix(state: PBTState) -> jax.Array:

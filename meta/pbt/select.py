@@ -95,13 +95,17 @@ def _exploit_by_rule(key, config, rnd: Round) -> Choice:
 
 
 def _exploit_and_record(key, config, rnd: Round) -> Choice:
-    """The exploit rule, and PB2 records the round: the unit hyperparameters
-    used and the fitness improvement since the previous round."""
+    """The exploit rule, and PB2 records the round as Ray's rows: the time at
+    its end (rounds done), each member's fitness at its start (``R_before``:
+    its own, or its source's after a copy), the unit hyperparameters used and
+    the fitness change over the round (round 0 has no start fitness)."""
     choice = _exploit_by_rule(key, config, rnd)
     state = rnd.state
     improvement = rnd.fitness - state.prev_fitness
-    ok = ~rnd.bad & jnp.isfinite(state.prev_fitness) & (state.round > 0)
-    return choice._replace(pb2=pb2_record(state.pb2, state.round.astype(jnp.float32), rnd.u, improvement, ok))
+    # A member without a finished episode this round reports no result (its fitness is inherited).
+    ok = ~rnd.bad & rnd.eligible & jnp.isfinite(state.prev_fitness) & (state.round > 0)
+    t_end = (state.round + 1).astype(jnp.float32)
+    return choice._replace(pb2=pb2_record(state.pb2, t_end, state.prev_fitness, rnd.u, improvement, ok))
 
 
 def _gpbt_exploit(key, config, rnd: Round) -> Choice:
@@ -125,8 +129,8 @@ def _gpbt_explore(key, config, rnd: Round, choice: Choice, h_copied):
 
 def _pb2_explore(key, config, rnd: Round, choice: Choice, h_copied):
     replaced = choice.src != jnp.arange(choice.src.shape[0], dtype=jnp.int32)
-    u_new = pb2_propose(key, choice.pb2, rnd.state.round.astype(jnp.float32) + 1.0, replaced,
-                        to_unit(h_copied, rnd.low, rnd.high, rnd.codes), config.pb2_candidates, config.pb2_kappa)
+    u_new = pb2_propose(key, choice.pb2, choice.src, replaced, to_unit(h_copied, rnd.low, rnd.high, rnd.codes),
+                        config.pb2_candidates)
     return from_unit(u_new, rnd.low, rnd.high, rnd.codes)
 
 
