@@ -73,6 +73,7 @@ def test_alias_translates_its_flags():
 def run(script, *args, cache=None, timeout=900):
     env = dict(os.environ)
     if cache:  # the three runs of a test compile the same programs: share them
+        env.pop("METARL_NO_COMPILE_CACHE", None)  # conftest turns the user's cache off; this one is the test's own
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.run([sys.executable, os.path.join(SCRIPTS, script), *args], cwd=ROOT, env=env,
