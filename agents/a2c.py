@@ -49,6 +49,10 @@ class A2CConfig(core.OnPolicyConfig):
     normalize_advantages: bool = False
     # Rows of each rollout (num_envs * num_steps) used for curvature statistics; 0 = all.
     curvature_batch_size: int = 0
+    # Truncation at the time limit bootstraps gamma * V(final obs) (default);
+    # False treats it as a terminal state, as Optim4RL's A2C does (its done
+    # done flag zeroes the discount at either, sail-sg/optim4rl agents/A2C.py:89,113).
+    bootstrap_time_limit: bool = True
 
 
 # Optim4RL's gridworld A2C: discount 0.995, GAE 0.95, entropy 0.01, critic 0.5.
@@ -98,7 +102,8 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
         """``num_steps`` steps of every env with ``state.params``. Returns the new
         state and the trajectory ``[num_steps, num_envs, ...]`` (stop-gradient:
         the loss recomputes log-probs and values from params). Truncations are
-        bootstrapped by folding ``gamma * V(final obs)`` into the reward."""
+        bootstrapped by folding ``gamma * V(final obs)`` into the reward
+        (unless ``config.bootstrap_time_limit`` is False)."""
         params = jax.lax.stop_gradient(state.params)
         gamma = state.hparams.gamma
 
@@ -107,7 +112,8 @@ def make_a2c(config: A2CConfig, env, env_params, tx) -> A2CAgent:
             key, k_act, k_env = jax.random.split(key, 3)
             action = ac.policy(params["actor"], obs).sample(k_act)
             next_obs, env_state, reward, terminated, truncated, info = vec_env.step(k_env, env_state, action, env_params)
-            boot = jnp.where(truncated, ac.value(params["critic"], info["final_obs"]), 0.0)
+            boot = (jnp.where(truncated, ac.value(params["critic"], info["final_obs"]), 0.0)
+                    if config.bootstrap_time_limit else jnp.zeros_like(reward))
             tr = dict(obs=obs, action=action, reward=reward + gamma * boot,
                       done=jnp.logical_or(terminated, truncated),
                       episode_return=info["returned_episode_return"], episode_done=info["returned_episode"])

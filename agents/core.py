@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -228,11 +228,29 @@ def make_actor_critic(config, env, env_params) -> ActorCritic:
 # The injected optimizer ---------------------------------------------------------------------
 
 
-def with_clipping(tx: optax.GradientTransformation, max_grad_norm: float, grad_clip: float = 0.0):
-    """``tx`` with ``clip_by_global_norm(max_grad_norm)`` and elementwise
+def clip_each_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm(max_norm)`` applied to each top-level entry
+    of a dict of updates on its own (``{"actor": ..., "critic": ...}``: each
+    network clipped by its own norm, as OPEN's reference clips its separate
+    actor and critic gradients, rl_optimizer/train.py:460-461)."""
+    inner = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        if not isinstance(updates, Mapping):
+            raise ValueError(f"clip_each_by_global_norm needs a dict of updates, got {type(updates).__name__}")
+        return {k: inner.update(v, inner.init(v))[0] for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def with_clipping(tx: optax.GradientTransformation, max_grad_norm: float, grad_clip: float = 0.0,
+                  per_network: bool = False):
+    """``tx`` with ``clip_by_global_norm(max_grad_norm)`` (over the whole tree,
+    or per top-level network with ``per_network``) and elementwise
     ``clip(grad_clip)`` chained in front (each only where > 0)."""
+    norm_clip = clip_each_by_global_norm if per_network else optax.clip_by_global_norm
     front = ([optax.clip(grad_clip)] if grad_clip > 0 else []) + (
-        [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else [])
+        [norm_clip(max_grad_norm)] if max_grad_norm > 0 else [])
     return optax.chain(*front, tx) if front else tx
 
 

@@ -61,6 +61,13 @@ class PPOConfig(core.OnPolicyConfig):
     # Fisher pre-activation gradients, K-FAC / diagonal GGN); 0 = all rows.
     # Minibatches are random permutations, so the first rows are a random subset.
     curvature_batch_size: int = 256
+    # OPEN's reference settings (agents.presets "open-paper"): the actor's and
+    # the critic's gradients clipped by max_grad_norm each on its own (default:
+    # one norm over both, as purejaxrl's single network); the optimizer's
+    # train_fraction u / (U - 1), reaching 1 at the last update (default
+    # u / U, the fraction the learning rate anneals by).
+    clip_per_network: bool = False
+    train_fraction_to_one: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,7 +107,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
     if config.normalize_rewards:
         vec_env = NormalizeReward(vec_env, config.reward_norm_gamma)
     ac = core.make_actor_critic(config, env, env_params)
-    full_tx = core.with_clipping(tx, config.max_grad_norm)
+    full_tx = core.with_clipping(tx, config.max_grad_norm, per_network=config.clip_per_network)
     stats_needed, uses_lr = core.optimizer_needs(full_tx, jax.eval_shape(ac.init_params, jax.random.key(0)))
 
     # Binary observations (MinAtar) are stored as bool in the rollout buffer: 4x
@@ -185,6 +192,8 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
         )
         batch = jax.tree.map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]), batch)
         train_fraction = state.update_step.astype(jnp.float32) / config.num_updates
+        opt_train_fraction = (state.update_step.astype(jnp.float32) / max(config.num_updates - 1, 1)
+                              if config.train_fraction_to_one else train_fraction)
         # Annealing: this iteration's steps use base * (1 - train_fraction); the
         # base stays the state's learning rate (restored after the steps).
         base_lr = core.learning_rate(state) if config.anneal_lr else None
@@ -206,7 +215,7 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
                 params, opt_state, key = carry
                 key, k_opt, k_stats = jax.random.split(key, 3)
                 grads, aux = grad_fn(params, mb, hp)
-                extra = dict(train_fraction=train_fraction, batch_fraction=batch_fraction, key=k_opt)
+                extra = dict(train_fraction=opt_train_fraction, batch_fraction=batch_fraction, key=k_opt)
                 if stats_needed:
                     extra["layer_stats"] = ac.layer_stats(params, mb["obs"], k_stats, stats_needed,
                                                           config.curvature_batch_size)

@@ -17,7 +17,8 @@ Dynamics of one ``step``:
 3. Every absent object (including one picked up this step, as in the
    reference code) respawns with its respawn probability at a uniformly random
    free cell: not a wall, not the agent's cell, not a present object's cell.
-   Objects therefore never share a cell.
+   Objects therefore never share a cell. (``respawn_anywhere=True``: any
+   interior cell, as the reference code does.)
 4. The step counter increases; ``truncated`` is set when it reaches
    ``params.max_steps_in_episode`` (the horizon, 50 or 500) unless the episode
    terminated on the same step.
@@ -104,10 +105,13 @@ class Gridworld(Env):
 
     Overrides: ``horizon`` (alias ``max_steps_in_episode``), the episode
     length; ``scale_rewards`` (default False) multiplies object rewards by
-    ``reward_scale``.
+    ``reward_scale``; ``respawn_anywhere`` (default False) respawns an object
+    at any interior cell, the agent's and present objects' included, as
+    Optim4RL's reference does (sail-sg/optim4rl envs/gridworld.py:285-287,
+    a uniform choice from every non-wall cell, :46-47 and :236).
     """
 
-    OVERRIDES = ("horizon", "max_steps_in_episode", "scale_rewards")
+    OVERRIDES = ("horizon", "max_steps_in_episode", "scale_rewards", "respawn_anywhere")
 
     def __init__(self, name: str, **overrides):
         if name not in GRIDWORLDS:
@@ -121,6 +125,7 @@ class Gridworld(Env):
         horizon = overrides.get("horizon")
         max_steps_in_episode = overrides.get("max_steps_in_episode")
         scale_rewards = overrides.get("scale_rewards", False)
+        self.respawn_anywhere = bool(overrides.get("respawn_anywhere", False))
         if horizon is not None and max_steps_in_episode is not None:
             raise ValueError("give either horizon or max_steps_in_episode, not both")
         spec = GRIDWORLDS[name]
@@ -195,11 +200,15 @@ class Gridworld(Env):
         terminated = jnp.any(picked & ends)
         present = state.object_present & ~picked
 
-        # Respawn one object at a time so two objects never land on one cell.
-        occupied = walls.astype(jnp.int32).at[agent_pos[0], agent_pos[1]].add(1)
-        occupied = occupied.at[state.object_pos[:, 0], state.object_pos[:, 1]].add(
-            present.astype(jnp.int32)
-        )
+        # Respawn one object at a time so two objects never land on one cell
+        # (respawn_anywhere: any interior cell, as the reference).
+        occupied = walls.astype(jnp.int32)
+        if not self.respawn_anywhere:
+            occupied = occupied.at[agent_pos[0], agent_pos[1]].add(1)
+            occupied = occupied.at[state.object_pos[:, 0], state.object_pos[:, 1]].add(
+                present.astype(jnp.int32)
+            )
+
         def respawn_one(occupied, inputs):
             key_k, pos, is_present, prob = inputs
             key_coin, key_cell = jax.random.split(key_k)
@@ -209,7 +218,8 @@ class Gridworld(Env):
             j = jax.random.randint(key_cell, (), 0, jnp.sum(free), jnp.int32)
             cell = jnp.argmax(jnp.cumsum(free) > j).astype(jnp.int32)
             new_pos = jnp.stack([cell // self.cols, cell % self.cols])
-            occupied = occupied.at[new_pos[0], new_pos[1]].add(respawn.astype(jnp.int32))
+            if not self.respawn_anywhere:
+                occupied = occupied.at[new_pos[0], new_pos[1]].add(respawn.astype(jnp.int32))
             return occupied, (jnp.where(respawn, new_pos, pos), is_present | respawn)
 
         keys = jax.random.split(key_respawn, self.num_objects)

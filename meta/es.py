@@ -42,6 +42,10 @@ from meta.distributed import POP, population_mesh, replicated_sharding
 from agents.presets import resolve_config
 
 WORST_FITNESS = -1e6  # given to candidates whose return is NaN/Inf
+CPU_MEMBER_BATCH = 8  # candidates vmapped together per device on CPU (ESConfig.member_batch None)
+INIT_MEANS = ("rule", "zeros")
+FITNESS_MEASURES = ("final_window", "last_update")
+COMMON_KEYS = ("none", "all", "pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +60,7 @@ class ESConfig:
     sigma: float = 0.03
     lr: float = 0.03
     seeds: int = 2
-    timesteps: int = 100_000
+    timesteps: Optional[int] = 100_000  # None: each env's preset (or recipe) total
     antithetic: bool = True
     reference_returns: Optional[Tuple[float, ...]] = None
     seed: int = 0
@@ -65,6 +69,20 @@ class ESConfig:
     # population's optimizer states outgrow the caches (population 32 ran at
     # half the per-step speed of a single run), all at once on accelerators.
     member_batch: Optional[int] = None
+    # OPEN's reference settings (the "open-paper" recipe; defaults keep evosax's
+    # and ours): sigma and the ES learning rate multiplied by these per
+    # generation; Adam's b1 in the ES; the mean's start ("rule": the rule's
+    # init, "zeros"); the inner measure ("final_window": the mean return over
+    # the last 10% of updates, "last_update": the last update's, as OPEN);
+    # which candidates share their inner agents' keys ("none", "all": common
+    # random numbers, "pairs": each antithetic pair i, i + P/2 shares one).
+    sigma_decay: float = 1.0
+    lr_decay: float = 1.0
+    adam_b1: float = 0.9
+    init_mean: str = "rule"
+    fitness_measure: str = "final_window"
+    common_keys: str = "none"
+    recipe: Optional[str] = None  # the inner PPO's settings: agents.presets.RECIPES (None: the env presets)
 
     def __post_init__(self):
         object.__setattr__(self, "envs", tuple(self.envs))
@@ -79,8 +97,14 @@ class ESConfig:
             raise ValueError(
                 f"unknown ES algorithm {self.algorithm!r}; allowed: {', '.join(sorted(algos.algorithms))}"
             )
+        from agents.presets import check_recipe
+
+        check_recipe(self.recipe)
+        if self.recipe is not None:
+            for name in self.envs:
+                resolve_config(name, recipe=self.recipe)  # every env has a preset in the recipe
         for name in ("population", "generations", "seeds", "timesteps"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.antithetic and self.population % 2:
             raise ValueError(
@@ -88,6 +112,17 @@ class ESConfig:
             )
         if self.sigma <= 0 or self.lr <= 0:
             raise ValueError(f"--sigma and --lr must be positive, got {self.sigma}, {self.lr}")
+        for name, allowed in (("init_mean", INIT_MEANS), ("fitness_measure", FITNESS_MEASURES),
+                              ("common_keys", COMMON_KEYS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in ("sigma_decay", "lr_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.adam_b1 < 1.0:
+            raise ValueError(f"--adam-b1 must be in [0, 1), got {self.adam_b1}")
+        if self.common_keys == "pairs" and not self.antithetic:
+            raise ValueError("--common-keys pairs needs antithetic sampling (pairs i, i + P/2)")
         if self.member_batch is not None and (not isinstance(self.member_batch, int) or self.member_batch < 1):
             raise ValueError(f"member_batch must be a positive integer or None, got {self.member_batch!r}")
         if self.reference_returns is not None and len(self.reference_returns) != len(self.envs):
@@ -141,6 +176,15 @@ class ES(NamedTuple):
     state_sharding: NamedSharding  # where the state lives between generations (replicated over the mesh)
 
 
+def _schedule(value: float, decay: float):
+    """``value * decay ** generation`` (OPEN's reference: optax's
+    ``exponential_decay`` with ``transition_steps=1``, train.py:815-830);
+    constant for ``decay == 1``."""
+    if decay == 1.0:
+        return optax.constant_schedule(value)
+    return optax.exponential_decay(value, transition_steps=1, decay_rate=decay, end_value=0.0)
+
+
 def make_algorithm(config: ESConfig, template):
     import evosax.algorithms as algos
 
@@ -148,9 +192,9 @@ def make_algorithm(config: ESConfig, template):
     kwargs = dict(population_size=config.population, solution=template)
     sig = inspect.signature(cls.__init__).parameters
     if "optimizer" in sig:
-        kwargs["optimizer"] = optax.adam(config.lr)
+        kwargs["optimizer"] = optax.adam(_schedule(config.lr, config.lr_decay), b1=config.adam_b1)
     if "std_schedule" in sig:
-        kwargs["std_schedule"] = optax.constant_schedule(config.sigma)
+        kwargs["std_schedule"] = _schedule(config.sigma, config.sigma_decay)
     if "use_antithetic_sampling" in sig:
         kwargs["use_antithetic_sampling"] = config.antithetic
     algo = cls(**kwargs)
@@ -167,19 +211,21 @@ def final_return_jnp(metrics: Dict[str, jax.Array], fraction: float = 0.1) -> ja
     return jnp.where(total > 0, (r * c).sum(-1) / jnp.maximum(total, 1.0), r[..., -1])
 
 
-def inner_setup(env_name: str, timesteps: int):
+def inner_setup(env_name: str, timesteps: Optional[int], recipe: Optional[str] = None):
     """``(env, env_params, config, hparams, lr)`` of the inner PPO agents: the
-    env preset's, its learning rate written into the rule's injected one
-    (Optim4RL; OPEN has none)."""
+    env preset's (or ``recipe``'s; ``timesteps`` None: its total), its
+    learning rate written into the rule's injected one (Optim4RL; OPEN has
+    none)."""
     env, env_params = envs.make(env_name)
-    cfg, hp, lr = resolve_config(env_name, total_timesteps=int(timesteps))
+    cfg, hp, lr = resolve_config(env_name, recipe=recipe,
+                                 total_timesteps=None if timesteps is None else int(timesteps))
     return env, env_params, cfg, PPOHParams.default(**hp), lr
 
 
 def make_evaluator(config: ESConfig, rule):
     """``evaluate(meta_params, key) -> returns [E, S]``: trains ``seeds`` PPO
     agents per env from scratch with the rule's optimizer."""
-    setups = [inner_setup(name, config.timesteps) for name in config.envs]
+    setups = [inner_setup(name, config.timesteps, config.recipe) for name in config.envs]
 
     def evaluate(meta_params, key):
         out = []
@@ -187,7 +233,8 @@ def make_evaluator(config: ESConfig, rule):
             agent = make_ppo(cfg, env, env_params, rule.make_optimizer(meta_params))
             keys = jax.random.split(jax.random.fold_in(key, e), config.seeds)
             _, m = jax.vmap(agent.train, in_axes=(0, None, None))(keys, hp, lr)
-            out.append(final_return_jnp(m))
+            out.append(final_return_jnp(m) if config.fitness_measure == "final_window"
+                       else final_return_jnp(m, fraction=0.0))
         return jnp.stack(out)
 
     return evaluate
@@ -196,9 +243,22 @@ def make_evaluator(config: ESConfig, rule):
 def env_steps_per_generation(config: ESConfig) -> int:
     total = 0
     for name in config.envs:
-        cfg = resolve_config(name, total_timesteps=int(config.timesteps)).config
+        cfg = inner_setup(name, config.timesteps, config.recipe)[2]
         total += cfg.num_updates * cfg.batch_size
     return total * config.seeds * config.population
+
+
+def candidate_keys(key, population: int, common: str = "none"):
+    """One key per candidate for its inner agents: all different ("none"),
+    all the same ("all", common random numbers, as OPEN's reference on
+    MinAtar), or shared by each antithetic pair ``i, i + P/2`` ("pairs", as
+    its reference on gridworlds, train.py:850-858 and 877-880)."""
+    if common == "all":
+        return jnp.broadcast_to(key, (population,))
+    if common == "pairs":
+        half = jax.random.split(key, population // 2)
+        return jnp.concatenate([half, half])
+    return jax.random.split(key, population)
 
 
 def lifetime_evaluation(config: ESConfig, rule) -> Evaluation:
@@ -208,7 +268,7 @@ def lifetime_evaluation(config: ESConfig, rule) -> Evaluation:
 
     def evaluate(carried, pop, key, mean, map_population):
         del mean
-        keys = jax.random.key_data(jax.random.split(key, config.population))
+        keys = jax.random.key_data(candidate_keys(key, config.population, config.common_keys))
         returns = map_population(lambda m, k, _: train(m, jax.random.wrap_key_data(k)), pop, keys, ())
         return returns, carried, {}
 
@@ -223,22 +283,43 @@ def make_map_population(mesh: Mesh, member_batch: Optional[int]) -> Callable:
     inside the training loops, one gather at the end. Within a device,
     ``member_batch`` candidates at a time are vmapped (None: 8 on CPU, all
     on accelerators)."""
-    batch = member_batch
-    if batch is None:
-        batch = 8 if mesh.devices.flat[0].platform == "cpu" else None
+    # None: decided by the platform the program is lowered for, not the mesh's
+    # devices, so that one exported program is right everywhere.
 
     def map_population(fn, pop, member_args, shared):
+        def whole(pop, member_args, shared):
+            return jax.vmap(fn, (0, 0, None))(pop, member_args, shared)
+
+        def in_turn(batch):
+            def run(pop, member_args, shared):
+                return jax.lax.map(lambda a: fn(a[0], a[1], shared), (pop, member_args), batch_size=batch)
+
+            return run
+
         def local(pop, member_args, shared):
             n = jax.tree.leaves(pop)[0].shape[0]
-            if batch is None or batch >= n:
-                return jax.vmap(fn, (0, 0, None))(pop, member_args, shared)
-            return jax.lax.map(lambda a: fn(a[0], a[1], shared), (pop, member_args), batch_size=batch)
+            if member_batch is not None:
+                return (whole if member_batch >= n else in_turn(member_batch))(pop, member_args, shared)
+            if n <= CPU_MEMBER_BATCH:
+                return whole(pop, member_args, shared)
+            # CPU: 8 at a time; every other backend: the whole share at once. One
+            # program, the branch chosen when it is lowered (an export for cuda
+            # or tpu from a CPU machine keeps the population batched).
+            return jax.lax.platform_dependent(pop, member_args, shared, cpu=in_turn(CPU_MEMBER_BATCH),
+                                              default=whole)
 
         spec = PartitionSpec(POP)
         # check_vma=False: the inner scans start from per-member constants (env
         # resets), which shard_map's replication checker would reject.
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
-                             check_vma=False)(pop, member_args, shared)
+        # The candidates come in whole and the results go out whole (gathered), so
+        # that ask, fitness and tell run whole on every device: no sum split over
+        # devices, whose order would depend on the collectives (in-process or gloo
+        # across processes), and a result independent of the device layout.
+        gathered = NamedSharding(mesh, PartitionSpec())
+        pop = jax.lax.with_sharding_constraint(pop, gathered)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
+                            check_vma=False)(pop, member_args, shared)
+        return jax.lax.with_sharding_constraint(out, gathered)
 
     return map_population
 
@@ -261,7 +342,10 @@ def make_es(config: ESConfig, rule, evaluation: Optional[Evaluation] = None,
 
     def init(key) -> ESState:
         k_init, k_run = jax.random.split(key)
-        es_state = algo.init(k_init, rule.init_meta_params(key), algo_params)
+        start = rule.init_meta_params(key)
+        if config.init_mean == "zeros":  # OPEN's reference starts the mean at zeros (train.py:764)
+            start = jax.tree.map(jnp.zeros_like, start)
+        es_state = algo.init(k_init, start, algo_params)
         # evosax starts some fields as Python scalars (weakly typed); make them
         # plain arrays so the jitted generation does not recompile after step 1.
         es_state = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), es_state)

@@ -3,7 +3,8 @@
 A training unit is any pytree (agent params, env state, optimizer state, ...).
 ``N`` units are stacked on a leading axis and stepped together with ``vmap``.
 Unit ``i`` is re-initialised whenever ``step % reset_interval == offset[i]``
-with ``offset[i] = i * reset_interval // N`` (``staggered=False``: all
+with ``offset[i] = i * reset_interval // N`` (``spacing="linspace"``:
+``int(linspace(0, reset_interval - 1, N))[i]``, Optim4RL's; ``staggered=False``: all
 offsets 0, every unit resets together: the no-pipeline ablation). After the
 first ``reset_interval`` steps the units' ages are spread evenly over the
 agent lifetime, so every meta-batch mixes early, middle and late training.
@@ -26,23 +27,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
+SPACINGS = ("even", "linspace")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     num_units: int = 4
     reset_interval: int = 64
     staggered: bool = True
+    # "even": offset i * T // N; "linspace": int(linspace(0, T - 1, N))[i], as
+    # Optim4RL's reference spreads its units (the first at 0, the last at T - 1).
+    spacing: str = "even"
 
     def __post_init__(self):
         for name in ("num_units", "reset_interval"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"PipelineConfig.{name} must be a positive integer, got {v!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"PipelineConfig.spacing {self.spacing!r}; allowed: {', '.join(SPACINGS)}")
 
     @property
     def offsets(self) -> np.ndarray:
         """``[N]`` int32 reset offsets within the interval."""
         if not self.staggered:
             return np.zeros(self.num_units, np.int32)
+        if self.spacing == "linspace":
+            return np.linspace(0, self.reset_interval - 1, self.num_units).astype(np.int32)
         return (np.arange(self.num_units) * self.reset_interval // self.num_units).astype(np.int32)
 
 

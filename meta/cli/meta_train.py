@@ -31,7 +31,11 @@ objective.png (metagrad), checkpoints/ (resume with --resume; pipeline units
 included, so a resumed run continues bit for bit), optimizer/ (the current
 ES mean or meta-parameters; use it as ``lopt:DIR/optimizer``), and at the
 end summary.md and comparison.png (learned optimizer vs Adam on the training
-envs: PPO for whole-lifetime ES, A2C for the pipeline modes).
+envs: PPO for whole-lifetime ES, A2C for the pipeline modes). Whole-lifetime
+ES also saves the final comparison's PPO agents trained with the learned
+optimizer: DIR/agent for the first env (``metarl-eval DIR`` plays them), and
+DIR/agents/ENV/agent for every further env. --wandb PROJECT sends
+log.jsonl's rows to Weights & Biases too (the [wandb] extra).
 
 Why the default is Catch with sigma 0.1: a freshly initialised OPEN on
 CartPole makes every candidate collapse to the same one-sided policy (all
@@ -71,6 +75,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       help=f"outer steps between checkpoints (default: {ES.checkpoint_every} / {UES.checkpoint_every} / "
            f"{MG.checkpoint_every})")
     a("--final-seeds", type=int, default=run.final_seeds, help="seeds for the final comparison against Adam (0: skip)")
+    a("--recipe", default=None,
+      help="a reference's own settings as the defaults (flags given still win): open-paper (OPEN's ES and "
+           "PPO, --method es), optim4rl-paper (Optim4RL's pipeline, --method metagrad); see docs/fidelity.md")
+    a("--wandb", metavar="PROJECT", default=None,
+      help="also log OUT/log.jsonl's rows to this Weights & Biases project (the [wandb] extra)")
     g = p.add_argument_group("ES (--method es)").add_argument
     g("--algorithm", default=None, help=f"any evosax 0.3 algorithm name (default {ES.algorithm})")
     g("--population", type=int, default=None, help=f"(default {ES.population})")
@@ -129,18 +138,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
     from meta.checkpoint import CheckpointError
     from meta.meta_train import build, run
+    from meta.tracking import open_sink, require_wandb
 
     try:
+        if args.wandb:
+            require_wandb()
         distributed.start_cli()
         plan = build(*options(args))
+        sink = open_sink(args.wandb, plan.run.out, "metarl-meta-train", vars(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        run(plan)
+        run(plan, sink=sink)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if sink is not None:
+            sink.finish()
     return 0
 
 

@@ -13,6 +13,16 @@ from meta.meta_train.plan import Plan
 from meta.report import comparison_table, plot_curves
 
 
+def steps_text(config) -> str:
+    """``config.timesteps`` (a ``meta.es.ESConfig``) as words: the number, or
+    the recipe's per-env totals where it is None."""
+    if config.timesteps is not None:
+        return f"{config.timesteps:,d}"
+    from agents.presets import resolve_config
+
+    return " / ".join(f"{resolve_config(n, recipe=config.recipe).config.total_timesteps:,d}" for n in config.envs)
+
+
 def measure_references(config, log):
     """Adam's final return per env of ``config`` (a ``meta.es.ESConfig``):
     ``config.seeds`` PPO agents of ``config.timesteps`` steps each."""
@@ -21,29 +31,47 @@ def measure_references(config, log):
 
     refs = []
     for name in config.envs:
-        cfg, hp, lr = resolve_config(name, total_timesteps=config.timesteps)
+        cfg, hp, lr = resolve_config(name, recipe=config.recipe, total_timesteps=config.timesteps)
         res = train_seeds(name, "adam", cfg, hp, config.seeds, seed=config.seed + 10_000, log=None, learning_rate=lr)
         refs.append(res["final_return_mean"])
-        log(f"reference return of Adam on {name}: {refs[-1]:.2f} ({config.seeds} seeds, {config.timesteps:,d} steps)")
+        log(f"reference return of Adam on {name}: {refs[-1]:.2f} ({config.seeds} seeds, {cfg.total_timesteps:,d} steps)")
     return refs
+
+
+def agent_dir_for(out: str, envs, name: str) -> str:
+    """Where the final comparison saves the learned optimizer's PPO agents on
+    env ``name``: ``out/agent`` for the first of ``envs`` (``metarl-eval out``),
+    ``out/agents/NAME/agent`` for the others (``metarl-eval out/agents/NAME``)."""
+    from meta.experiment import AGENT_DIR
+
+    if name == envs[0]:
+        return os.path.join(out, AGENT_DIR)
+    return os.path.join(out, "agents", name.replace("/", "_"), AGENT_DIR)
 
 
 def compare_with_adam(out, config, seeds, say):
     """Learned optimizer (ES mean, ``out/optimizer``) vs Adam on the training
     envs, fresh PPO agents with the settings of meta-training (the env preset's
-    learning rate for both, as in meta-training), same seeds."""
+    learning rate for both, as in meta-training), same seeds. The learned
+    optimizer's agents are saved (``agent_dir_for``)."""
     from agents.presets import resolve_config
     from meta.experiment import train_seeds
 
     results, curves = [], {}
-    spec_lopt = "lopt:" + os.path.join(out, "optimizer")
+    # An absolute path: the saved agents' document rebuilds the optimizer from it in any directory.
+    spec_lopt = "lopt:" + os.path.abspath(os.path.join(out, "optimizer"))
     for name in config.envs:
-        cfg, hp, lr = resolve_config(name, total_timesteps=config.timesteps)
+        cfg, hp, lr = resolve_config(name, recipe=config.recipe, total_timesteps=config.timesteps)
         for spec, label in (("adam", "adam"), (spec_lopt, "learned (ES mean)")):
-            res = train_seeds(name, spec, cfg, hp, seeds, seed=config.seed + 20_000, log=None, learning_rate=lr)
+            agent_dir = agent_dir_for(out, config.envs, name) if spec == spec_lopt else None
+            res = train_seeds(name, spec, cfg, hp, seeds, seed=config.seed + 20_000, log=None, learning_rate=lr,
+                              agent_dir=agent_dir)
             _collect(results, curves, name, label, res, say)
+            if agent_dir:
+                say(f"learned optimizer's agents on {name} saved to {agent_dir} (play them with metarl-eval "
+                    f"{os.path.dirname(agent_dir)})")
     with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# Learned optimizer vs Adam\n\n{seeds} seeds, {config.timesteps:,d} env steps per agent, "
+        f.write(f"# Learned optimizer vs Adam\n\n{seeds} seeds, {steps_text(config)} env steps per agent, "
                 f"the settings used in meta-training.\n\n" + "\n".join(comparison_table(results)) + "\n")
     plot_curves(os.path.join(out, "comparison.png"), curves, title="learned optimizer vs Adam")
 

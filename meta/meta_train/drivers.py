@@ -43,12 +43,13 @@ def es_driver(plan: Plan, refs) -> Driver:
     """ES over whole lifetimes or over pipeline units, with ``refs`` the
     reference return per env that fitness divides by."""
     from meta.es import lifetime_evaluation, make_es, make_evaluator
+    from meta.meta_train.compare import steps_text
 
     options, config = plan.options, plan.es
     if plan.mode == "es":
         evaluation = lifetime_evaluation(config, plan.rule)
         what = (f"{config.seeds} seeds x {len(config.envs)} env(s) {list(config.envs)}, "
-                f"{config.timesteps:,d} steps per agent")
+                f"{steps_text(config)} steps per agent")
         evaluate_mean = jax.jit(make_evaluator(config, plan.rule)) if options.eval_every else None
     else:
         from meta.pipeline_es import unit_evaluation

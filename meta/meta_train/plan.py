@@ -37,6 +37,7 @@ class RunOptions:
     out: str = "runs/meta_train"
     resume: bool = False  # continue from the latest checkpoint in out
     final_seeds: int = 4  # seeds of the final comparison against Adam (0: skip)
+    recipe: Optional[str] = None  # a reference's own settings (RECIPES) as the mode's defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,10 @@ class _Units(_OuterLoop):
     grad_clip: Optional[float] = None  # A2C elementwise gradient clip (0: none); None: per env (1 on gridworlds)
     eval_timesteps: Optional[float] = None  # A2C env steps per seed in the final comparison; None: one lifetime
     scale_rewards: bool = False  # gridworlds with Optim4RL's per-grid reward scaling (meta-training only)
+    # Optim4RL's reference settings (set by --recipe optim4rl-paper)
+    spacing: str = "even"  # meta.pipeline.PipelineConfig.spacing of the reset offsets
+    respawn_anywhere: bool = False  # gridworld objects respawn on any interior cell (envs.gridworld)
+    bootstrap_time_limit: bool = True  # A2C bootstraps V(final obs) at the time limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +89,15 @@ class LifetimeESOptions(_Search):
     generations: int = 12
     checkpoint_every: int = 2
     seeds: int = 2  # PPO seeds per candidate and env
-    timesteps: float = 2e4  # inner PPO env steps per agent
+    timesteps: Optional[float] = 2e4  # inner PPO env steps per agent (None: each env's recipe total)
     eval_every: int = 0  # every k generations also train agents with the ES mean (0: off)
+    # meta.es.ESConfig's reference settings (set by --recipe open-paper)
+    sigma_decay: float = 1.0
+    lr_decay: float = 1.0
+    adam_b1: float = 0.9
+    init_mean: str = "rule"
+    fitness_measure: str = "final_window"
+    common_keys: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +145,81 @@ def mode_of(method: str, pipeline_units: Optional[int]) -> str:
     return "es" if pipeline_units is None else "es-pipeline"
 
 
+# Recipes: a reference's own meta-training settings as a mode's defaults (a
+# flag given on the command line still wins). The inner agents' settings of
+# "open-paper" are agents.presets.RECIPES["open-paper"].
+#
+# "open-paper" (ES over lifetimes): AlexGoldie/rl-learned-optimization @
+# b65037b, rl_optimizer/train.py: population 64, sigma = lr = 0.03
+# (:710-714), both x 0.999 per generation (:720-721, :815-830), Adam b1 0.99
+# (:824), the mean starting at zeros (:764), 512 generations (:708), one
+# rollout per candidate (:712), fitness the last update's return (:785)
+# divided by PPO_TEMP (configs.py, :908-910), every candidate on the same
+# keys (:877-880; on gridworlds each antithetic pair, :850-858).
+#
+# "optim4rl-paper" (meta-gradients on pipeline units): sail-sg/optim4rl @
+# 523d42e, configs/meta_rl_catch.json and meta_rl_sdl.json: every env its own
+# agent (num_envs units of one env each: 64 on Catch, 512 on the
+# gridworlds), 20-step rollouts, K = 4, reset interval 32 (Catch) / 72
+# (gridworlds; the first of each sweep), discount 0.995, agent lr 1e-3 /
+# 0.03, elementwise clip none / 1, feature width 256 / 32
+# (components/network.py:89-99), meta Adam with global-norm clip 0.5 and lr
+# 1e-3 / 1e-4 (the middle of each sweep); offsets int(linspace(0, T-1, N));
+# objects respawn anywhere (envs/gridworld.py:285-287); no bootstrap at the
+# time limit (agents/A2C.py:89,113).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "open-paper": {"es": dict(population=64, sigma=0.03, lr=0.03, sigma_decay=0.999, lr_decay=0.999, adam_b1=0.99,
+                              init_mean="zeros", generations=512, seeds=1, timesteps=None,
+                              fitness_measure="last_update", common_keys="all")},
+    "optim4rl-paper": {"metagrad": dict(num_envs=1, num_steps=20, inner_steps=4, gamma=0.995, meta_grad_clip=0.5,
+                                        spacing="linspace", bootstrap_time_limit=False)},
+}
+_OPTIM4RL_PER_FAMILY = {
+    "catch": dict(pipeline_units=64, reset_interval=32, agent_lr=1e-3, grad_clip=0.0, hidden=256, meta_lr=1e-3),
+    "gridworld": dict(pipeline_units=512, reset_interval=72, agent_lr=0.03, grad_clip=1.0, hidden=32, meta_lr=1e-4,
+                      respawn_anywhere=True),
+}
+
+
+def recipe_defaults(recipe: Optional[str], mode: str, env_names) -> Dict[str, Any]:
+    """The option values ``recipe`` sets for ``mode`` on ``env_names`` (a
+    ``ValueError`` naming what is allowed for an unknown recipe, a mode it has
+    no settings for, or envs outside its reference's)."""
+    if recipe is None:
+        return {}
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
+    if mode not in RECIPES[recipe]:
+        labels = ", ".join(MODES[m].LABEL for m in RECIPES[recipe])
+        raise ValueError(f"--recipe {recipe} sets {labels}, not {MODES[mode].LABEL}")
+    out = dict(RECIPES[recipe][mode])
+    names = list(envs.expand_suites(env_names))
+    if recipe == "open-paper":
+        from agents.presets import recipe_reference_return
+
+        for name in names:  # an env outside the recipe's families fails here with the allowed ones
+            from agents.presets import resolve_config
+
+            resolve_config(name, recipe=recipe)
+        if all(n in envs.GRIDWORLD_ENVS for n in names):
+            out["common_keys"] = "pairs"
+        refs = [recipe_reference_return(recipe, n) for n in names]
+        if all(r is not None for r in refs):
+            out["reference_returns"] = ",".join(f"{r:g}" for r in refs)
+    if recipe == "optim4rl-paper":
+        fams = {"catch" if n == "Catch-bsuite" else "gridworld" if n in envs.GRIDWORLD_ENVS else n for n in names}
+        if len(fams) != 1 or not fams <= set(_OPTIM4RL_PER_FAMILY):
+            raise ValueError(f"--recipe optim4rl-paper: envs must be Catch-bsuite or gridworlds (one family), "
+                             f"got {', '.join(names)}")
+        out.update(_OPTIM4RL_PER_FAMILY[fams.pop()])
+    return out
+
+
 def mode_options(mode: str, given: Dict[str, Any]) -> ModeOptions:
     """The options of ``mode`` from ``given`` (field -> value, None where not
-    set: the mode's default). A value set for a field of another mode only is
-    a ``ValueError`` naming the modes it belongs to."""
+    set: the recipe's value if ``given["recipe"]`` names one, else the mode's
+    default). A value set for a field of another mode only is a
+    ``ValueError`` naming the modes it belongs to."""
     cls = MODES[mode]
     own = mode_fields(cls)
     for name in sorted(set().union(*map(mode_fields, MODES.values())) - set(own)):
@@ -144,7 +227,8 @@ def mode_options(mode: str, given: Dict[str, Any]) -> ModeOptions:
             where = [m.LABEL for m in MODES.values() if name in mode_fields(m)]
             raise ValueError(f"--{name.replace('_', '-')} does not apply to {cls.LABEL}; "
                              f"it belongs to {' / '.join(where)}")
-    return cls(**{k: v for k, v in given.items() if k in own and v is not None})
+    base = recipe_defaults(given.get("recipe"), mode, given.get("envs") or RunOptions.envs)
+    return cls(**{**base, **{k: v for k, v in given.items() if k in own and v is not None}})
 
 
 class Plan(NamedTuple):
@@ -210,9 +294,12 @@ def _es_config(run: RunOptions, options, names):
             raise ValueError(f"--reference-returns must be numbers, got {options.reference_returns!r}") from None
     extra = {}
     if options.MODE == "es":
-        if options.timesteps <= 0:
+        if options.timesteps is not None and options.timesteps <= 0:
             raise ValueError(f"--timesteps must be positive, got {options.timesteps:g}")
-        extra = dict(seeds=options.seeds, timesteps=int(options.timesteps))
+        extra = dict(seeds=options.seeds, timesteps=None if options.timesteps is None else int(options.timesteps),
+                     sigma_decay=options.sigma_decay, lr_decay=options.lr_decay, adam_b1=options.adam_b1,
+                     init_mean=options.init_mean, fitness_measure=options.fitness_measure,
+                     common_keys=options.common_keys, recipe=run.recipe)
     return ESConfig(envs=names, algorithm=options.algorithm, population=options.population,
                     generations=options.generations, sigma=options.sigma, lr=options.lr,
                     antithetic=not options.no_antithetic, reference_returns=refs, seed=run.seed, **extra)
@@ -234,7 +321,7 @@ def _pipeline_plan(options, names):
         raise ValueError(f"--eval-timesteps must be at least one A2C update ({update} steps), "
                          f"got {options.eval_timesteps:g}")
     pipe = PipelineConfig(num_units=options.pipeline_units, reset_interval=options.reset_interval,
-                          staggered=not options.no_pipeline)
+                          staggered=not options.no_pipeline, spacing=options.spacing)
     # One rollout per inner update, plus metagrad's fresh rollout for the meta-objective.
     rollouts = options.inner_steps + (options.MODE == "metagrad")
     from agents.presets import a2c_grad_clip
@@ -244,10 +331,10 @@ def _pipeline_plan(options, names):
     # Optim4RL's elementwise clip on the gridworlds (agents.presets.A2C_PRESETS) unless --grad-clip says
     clip = a2c_grad_clip(names) if options.grad_clip is None else options.grad_clip
     a2c = A2CConfig(num_envs=options.num_envs, num_steps=options.num_steps, hidden_sizes=(options.hidden,),
-                    grad_clip=clip)
+                    grad_clip=clip, bootstrap_time_limit=options.bootstrap_time_limit)
     a2c = dataclasses.replace(a2c, total_timesteps=lifetime_env_steps(options.reset_interval, rollouts, a2c))
     out = dict(a2c=a2c, hparams=A2CHParams.default(gamma=options.gamma), learning_rate=options.agent_lr,
-               env_overrides=_env_overrides(options.scale_rewards, names))
+               env_overrides=_env_overrides(options.scale_rewards, names, options.respawn_anywhere))
     if options.MODE == "metagrad":
         out["metagrad"] = MetaGradConfig(num_inner=options.inner_steps, meta_lr=options.meta_lr,
                                          meta_grad_clip=options.meta_grad_clip, pipeline=pipe)
@@ -256,20 +343,39 @@ def _pipeline_plan(options, names):
     return out
 
 
-def _env_overrides(scale_rewards: bool, names) -> Dict[str, Dict[str, Any]]:
+def _env_overrides(scale_rewards: bool, names, respawn_anywhere: bool = False) -> Dict[str, Dict[str, Any]]:
     """``envs.make`` overrides per env for meta-training: ``scale_rewards``
-    turns on the reward scaling of every gridworld among ``names``."""
-    if not scale_rewards:
+    turns on the reward scaling of every gridworld among ``names``,
+    ``respawn_anywhere`` the reference's respawn rule."""
+    wanted = dict(scale_rewards=scale_rewards, respawn_anywhere=respawn_anywhere)
+    wanted = {k: True for k, v in wanted.items() if v}
+    if not wanted:
         return {}
     grids = [n for n in names if n in envs.GRIDWORLD_ENVS]
     if not grids:
-        raise ValueError(f"--scale-rewards applies to gridworld envs ({', '.join(envs.GRIDWORLD_ENVS)}); "
+        flags = " / ".join(f"--{k.replace('_', '-')}" for k in wanted)
+        raise ValueError(f"{flags} applies to gridworld envs ({', '.join(envs.GRIDWORLD_ENVS)}); "
                          f"none among {', '.join(names)}")
-    return {n: dict(scale_rewards=True) for n in grids}
+    return {n: dict(wanted) for n in grids}
+
+
+def _without_defaults(config) -> Dict[str, Any]:
+    """``asdict(config)`` less the fields added since checkpoints were first
+    written, where they keep their defaults (so those checkpoints still
+    resume)."""
+    d = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        if f.name in _ADDED_FIELDS and d.get(f.name) == f.default:
+            d.pop(f.name)
+    return d
+
+
+_ADDED_FIELDS = {"sigma_decay", "lr_decay", "adam_b1", "init_mean", "fitness_measure", "common_keys", "recipe",
+                 "spacing", "bootstrap_time_limit"}
 
 
 def _es_document(config) -> Dict[str, Any]:
-    d = dataclasses.asdict(config)
+    d = _without_defaults(config)
     d.pop("generations")  # a resumed run may ask for more generations
     return d
 
@@ -281,16 +387,17 @@ def plan_document(plan: Plan) -> Dict[str, Any]:
     rule = plan.options.rule
     if plan.mode == "es":
         return json.loads(json.dumps(dict(_es_document(plan.es), rule=rule)))
-    d = dict(method=plan.mode, rule=rule, envs=list(plan.envs), a2c=dataclasses.asdict(plan.a2c),
+    d = dict(method=plan.mode, rule=rule, envs=list(plan.envs), a2c=_without_defaults(plan.a2c),
              hparams=dict(lr=float(plan.learning_rate),
                           **{k: float(v) for k, v in plan.hparams._asdict().items()}))
     if plan.env_overrides:  # only when set, so checkpoints of earlier runs still resume
         d["env_overrides"] = plan.env_overrides
     if plan.mode == "metagrad":
-        d["metagrad"] = dataclasses.asdict(plan.metagrad)
+        d["metagrad"] = dict(dataclasses.asdict(plan.metagrad), pipeline=_without_defaults(plan.metagrad.pipeline))
     else:
         es = dict(_es_document(plan.es), rule=rule)
         for unused in ("seeds", "timesteps"):
             es.pop(unused)
-        d.update(es=es, pipeline_es=dataclasses.asdict(plan.pipeline_es))
+        d.update(es=es, pipeline_es=dict(dataclasses.asdict(plan.pipeline_es),
+                                         pipeline=_without_defaults(plan.pipeline_es.pipeline)))
     return json.loads(json.dumps(d))
