@@ -36,6 +36,7 @@ from learned_optim import registry
 from learned_optim.spec import explicit_learning_rate
 from meta import checkpoint
 from meta.host import chunk_sizes, fmt_eta, peak_memory_mb
+from meta.report import write_log_rows
 
 CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints: resumable training state
 # Default cadence: the first chunk boundary after every this many seconds of the
@@ -107,7 +108,8 @@ def _is_checkpoint(done: int, previous: int, every: Optional[int], total: int, s
 
 def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, keys, log, target_chunks, label,
                    checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                   resume: bool = False, document: Optional[Dict[str, Any]] = None):
+                   resume: bool = False, document: Optional[Dict[str, Any]] = None,
+                   on_chunk: Optional[Callable[[Dict[str, np.ndarray]], None]] = None):
     """Trains ``M`` PPO members (``hp_pop`` leaves, learning rates ``lrs`` and
     ``keys`` are ``[M]``) in one vmapped program, in chunks for progress
     output. Returns the raw arrays (curves/counts/finite ``[M, U]``), the final
@@ -117,7 +119,9 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, ke
     (with ``{"config": document}``) every ``checkpoint_every`` updates (None:
     at the first chunk boundary after every ``CHECKPOINT_SECONDS``) and at the
     end; ``resume`` continues from the latest checkpoint (``CheckpointError``
-    when there is none or its config differs from ``document``)."""
+    when there is none or its config differs from ``document``). ``on_chunk``
+    gets the curves/counts/finite so far (``[M, updates done]``) after every
+    chunk."""
     env, env_params = envs.make(env_name)
     tx = make_optimizer(optimizer_spec, "ppo")
     agent = make_ppo(config, env, env_params, tx)
@@ -164,10 +168,15 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, ke
         curves.append(np.asarray(m["episode_return"]))
         counts.append(np.asarray(m["episodes"]))
         finite.append(np.asarray(m["finite"]))
-        if checkpoint_dir and _is_checkpoint(done_updates, previous, checkpoint_every, total,
-                                             time.perf_counter() - last_save):
+        so_far = None
+        if on_chunk is not None:
             so_far = dict(curves=np.concatenate(curves, axis=1), counts=np.concatenate(counts, axis=1),
                           finite=np.concatenate(finite, axis=1))
+            on_chunk(so_far)
+        if checkpoint_dir and _is_checkpoint(done_updates, previous, checkpoint_every, total,
+                                             time.perf_counter() - last_save):
+            so_far = so_far or dict(curves=np.concatenate(curves, axis=1), counts=np.concatenate(counts, axis=1),
+                                    finite=np.concatenate(finite, axis=1))
             checkpoint.save(checkpoint_dir, done_updates, dict(state=state, **so_far),
                             {"config": document, "run_seconds": run_before + run_s})
             last_save = time.perf_counter()
@@ -195,6 +204,31 @@ def _train_members(env_name, optimizer_spec, config, hp_pop: PPOHParams, lrs, ke
         env_steps_per_second=trained / run_s if run_s > 0 else 0.0,
         uses_lr=bool(agent.uses_lr),
     )
+
+
+LOG_FIELDS = ("update", "env_steps", "return_mean", "return_min", "return_max", "episodes")
+
+
+def log_rows(curves: np.ndarray, counts: np.ndarray, steps_per_update: int) -> List[Dict[str, Any]]:
+    """The ``log.jsonl`` rows of a ``train_seeds`` run: one per update, from
+    its curves ``[S, U]`` (each seed's return of the episodes that ended in
+    that update, the latest one carried where none did) and episode counts
+    ``[S, U]``: mean, min and max over seeds, episodes ended over seeds."""
+    curves, counts = np.asarray(curves, np.float64), np.asarray(counts)
+    return [dict(update=u + 1, env_steps=(u + 1) * steps_per_update, return_mean=float(np.mean(curves[:, u])),
+                 return_min=float(np.min(curves[:, u])), return_max=float(np.max(curves[:, u])),
+                 episodes=int(np.sum(counts[:, u])))
+            for u in range(curves.shape[1])]
+
+
+def save_agent(agent_dir: str, step: int, tree: Dict[str, Any], document: Dict[str, Any],
+               final_return: Sequence[float]) -> None:
+    """Saves agents (``agent_tree``, leaves ``[S, ...]``) with the
+    ``run_document`` that rebuilds them to ``agent_dir`` (replacing what was
+    there): the layout ``load_agent`` reads, for train, PBT and ES runs."""
+    if os.path.isdir(agent_dir):
+        shutil.rmtree(agent_dir)  # (a resumed run rewrites its own agent)
+    checkpoint.save(agent_dir, step, tree, {"config": document, "final_return": [float(x) for x in final_return]})
 
 
 def run_document(env_name: str, optimizer_spec: str, config: PPOConfig, hparams: Dict[str, float],
@@ -269,6 +303,8 @@ def train_seeds(
     run_dir: Optional[str] = None,
     checkpoint_every: Optional[int] = None,
     resume: bool = False,
+    agent_dir: Optional[str] = None,
+    sink=None,
 ) -> Dict:
     """Trains ``num_seeds`` PPO agents (vmapped) at ``learning_rate`` (None:
     the optimizer's own; see ``learning_rate_for``) and returns a result dict:
@@ -281,7 +317,12 @@ def train_seeds(
     the final agents to ``run_dir/agent``;
     ``resume`` continues from the latest checkpoint (``CheckpointError`` when
     there is none or it was written with other settings). A resumed run's
-    curves equal an uninterrupted one's."""
+    curves equal an uninterrupted one's. A run with ``run_dir`` also writes
+    ``run_dir/log.jsonl`` (``log_rows``: one row per update, after every
+    chunk) and hands the rows to ``sink`` (``meta.tracking``, ``--wandb``).
+
+    ``agent_dir`` (without ``run_dir``): only save the final agents there
+    (the evaluation agents of meta-training)."""
     if num_seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {num_seeds}")
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
@@ -292,25 +333,28 @@ def train_seeds(
     hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_seeds,)), hp)
     lrs = None if learning_rate is None else jnp.full((num_seeds,), learning_rate, jnp.float32)
     document = run_document(env_name, optimizer_spec, config, hparams, learning_rate, num_seeds, seed)
-    ckpt_dir = agent_dir = None
+    ckpt_dir, on_chunk = None, None
     if run_dir is not None:
         ckpt_dir, agent_dir = os.path.join(run_dir, CHECKPOINT_DIR), os.path.join(run_dir, AGENT_DIR)
         if not resume:
             _fresh_dir(ckpt_dir, log)
             _fresh_dir(agent_dir, log)
+
+        def write_log(so_far):
+            write_log_rows(run_dir, log_rows(so_far["curves"], so_far["counts"], config.batch_size), LOG_FIELDS,
+                           sink)
+
+        on_chunk = write_log
     raw = _train_members(env_name, optimizer_spec, config, hp_pop, lrs, evaluation_keys(seed, num_seeds), log,
                          target_chunks, f"{env_name} | {optimizer_spec}", checkpoint_dir=ckpt_dir,
-                         checkpoint_every=checkpoint_every, resume=resume, document=document)
+                         checkpoint_every=checkpoint_every, resume=resume, document=document, on_chunk=on_chunk)
     if learning_rate is not None:
         hparams = {"lr": learning_rate, **hparams}
     steps_per_update = config.batch_size
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
     returns = final_return(metrics)
     if agent_dir is not None:
-        if os.path.isdir(agent_dir):
-            shutil.rmtree(agent_dir)  # (a resumed run rewrites its own agent)
-        checkpoint.save(agent_dir, config.num_updates, agent_tree(raw["state"]),
-                        {"config": document, "final_return": returns.tolist()})
+        save_agent(agent_dir, config.num_updates, agent_tree(raw["state"]), document, returns.tolist())
     return {
         "env": env_name,
         "optimizer": optimizer_spec,
@@ -424,13 +468,13 @@ def load_agent(run_dir: str) -> SavedAgent:
         raise ValueError(f"run directory {run_dir!r} does not exist")
     agent_dir = os.path.join(run_dir, AGENT_DIR)
     if checkpoint.latest_step(agent_dir) is None:
-        raise ValueError(f"{run_dir!r} holds no saved agent ({agent_dir!r} is missing or empty; "
-                         f"train one with: metarl-train --out {run_dir})")
+        raise ValueError(f"{run_dir!r} holds no saved agent ({agent_dir!r} is missing or empty; metarl-train, "
+                         "metarl-pbt with PPO and whole-lifetime ES metarl-meta-train save one there)")
     step, stored = checkpoint.read_document(agent_dir)
     document = stored.get("config") or {}
     if document.get("agent") != "ppo":
         raise ValueError(f"{agent_dir!r} holds a {document.get('agent')!r} agent; metarl-eval plays PPO agents "
-                         "saved by metarl-train")
+                         "(saved by metarl-train, metarl-pbt, metarl-meta-train)")
     agent, env, env_params, config, keys, hp_pop, lrs = _population(document)
     target = agent_tree(jax.eval_shape(jax.vmap(agent.init), keys, hp_pop, lrs))
     _, tree, _ = checkpoint.restore(agent_dir, target, document, step=step)
@@ -438,6 +482,24 @@ def load_agent(run_dir: str) -> SavedAgent:
 
     clip = NormalizeObservation(VecEnv(env, 1)).clip
     return SavedAgent(document, config, env, env_params, core.make_actor_critic(config, env, env_params), tree, clip)
+
+
+def policy(saved: SavedAgent, deterministic: bool = False) -> Callable:
+    """``act(params, normalizer, obs [N, ...], key) -> actions [N, ...]`` of a
+    saved agent (one seed's ``params``/``normalizer``): observations
+    normalised with the saved statistics, frozen; the policy's mode
+    (``deterministic``: argmax of the logits, or the Gaussian mean) or a sample."""
+    ac = saved.actor_critic
+
+    def act(params, norm, obs, key):
+        if "obs_rms" in norm:
+            obs = norm["obs_rms"].normalize(obs, saved.obs_clip)
+        out = ac.actor.apply({"params": params["actor"]}, networks.flat(obs))
+        if not deterministic:
+            return networks.action_distribution(out, ac.discrete).sample(key)
+        return jnp.argmax(out, axis=-1).astype(jnp.int32) if ac.discrete else out[0]
+
+    return act
 
 
 def evaluate_agent(saved: SavedAgent, episodes: int = 10, seed: int = 0, deterministic: bool = False,
@@ -453,15 +515,8 @@ def evaluate_agent(saved: SavedAgent, episodes: int = 10, seed: int = 0, determi
     from envs.wrappers import VecEnv
 
     vec = VecEnv(saved.env, episodes)
-    ac, env_params = saved.actor_critic, saved.env_params
-
-    def act(params, norm, obs, key):
-        if "obs_rms" in norm:
-            obs = norm["obs_rms"].normalize(obs, saved.obs_clip)
-        out = ac.actor.apply({"params": params["actor"]}, networks.flat(obs))
-        if not deterministic:
-            return networks.action_distribution(out, ac.discrete).sample(key)
-        return jnp.argmax(out, axis=-1).astype(jnp.int32) if ac.discrete else out[0]
+    env_params = saved.env_params
+    act = policy(saved, deterministic)
 
     def play(params, norm, key):
         k_reset, key = jax.random.split(key)

@@ -322,13 +322,15 @@ def plot_history(path_prefix: str, result: Dict) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Meta-training runs (meta.meta_train: log rows, fitness / objective, summary table)
+# Run logs (every CLI's log.jsonl) and meta-training plots (fitness / objective, summary table)
 # ---------------------------------------------------------------------------
 
 
-def write_log_rows(out: str, rows: Sequence[Dict], fields: Sequence[str]) -> None:
+def write_log_rows(out: str, rows: Sequence[Dict], fields: Sequence[str], sink=None) -> None:
     """``out/log.jsonl`` (every key of every row) and ``out/log.csv`` (the
-    columns ``fields``), each written to a temporary file and renamed."""
+    columns ``fields``), each written to a temporary file and renamed. The
+    metrics log of every run (train, PBT, meta-training); a ``sink``
+    (``meta.tracking.WandbSink``, ``--wandb``) gets the rows it has not seen."""
     with open(os.path.join(out, "log.jsonl.tmp"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -339,6 +341,8 @@ def write_log_rows(out: str, rows: Sequence[Dict], fields: Sequence[str]) -> Non
         for r in rows:
             w.writerow(r)
     os.replace(os.path.join(out, "log.csv.tmp"), os.path.join(out, "log.csv"))
+    if sink is not None:
+        sink.log_rows(rows)
 
 
 def plot_fitness(out: str, rows: Sequence[Dict]) -> None:

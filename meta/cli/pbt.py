@@ -10,8 +10,18 @@
 One jitted step = --interval agent updates of every member (vmapped) +
 selection. --timesteps are env steps per member. Writes to --out:
 results.json (best and mean final return, per-member histories of return,
-hyperparameters and lineage), ALGO_returns.png, ALGO_hparams.png and
-checkpoints/ (continue with --resume).
+hyperparameters and lineage), log.jsonl (one row per round; also to Weights &
+Biases with --wandb PROJECT, the [wandb] extra), ALGO_returns.png,
+ALGO_hparams.png, checkpoints/ (continue with --resume) and, for PPO, agent/:
+the best final member (play it with ``metarl-eval OUT``).
+
+    metarl-pbt --replay OUT     # retrain the best member's schedule alone
+
+--replay trains one agent from scratch on the best final member's
+hyperparameter schedule, followed back through every copy (lineage), for
+the same rounds of --interval updates, the values changed at the same
+boundaries; writes OUT/replay/results.json (the replay's return beside the
+member's) and OUT/replay/agent. Other flags are ignored with --replay.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import envs  # sets safe XLA flags before JAX starts
 from meta import distributed, pbt
 from meta.checkpoint import latest_step
 from meta.report import plot_history, write_json
+from meta.tracking import open_sink, require_wandb
 
 
 def parse_args(argv=None):
@@ -67,7 +78,26 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--checkpoint-every", type=int, default=5, help="rounds between checkpoints")
     p.add_argument("--no-time-selection", action="store_true", help="skip timing selection apart from training")
+    p.add_argument("--replay", metavar="RUN_DIR", default=None,
+                   help="retrain the best final member of the PBT run in RUN_DIR on its lineage's schedule")
+    p.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log OUT/log.jsonl's rows to this Weights & Biases project (the [wandb] extra)")
     return p.parse_args(argv)
+
+
+def replay_main(run_dir: str) -> int:
+    from meta.pbt.replay import read_history, replay
+
+    try:
+        read_history(run_dir)  # a one-line error before anything compiles
+        doc = replay(run_dir, log=lambda s: print(s, flush=True))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"replay of member {doc['member']}: return {doc['replay_return']:.2f} beside the member's "
+          f"{doc['member_return']:.2f} ({doc['updates']} updates, {doc['wall_seconds']:.1f}s); "
+          f"written to {os.path.join(run_dir, 'replay', 'results.json')}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -75,8 +105,12 @@ def main(argv=None) -> int:
     from runtime.cache import enable_compilation_cache
 
     enable_compilation_cache()  # persistent compilation cache (METARL_NO_COMPILE_CACHE=1: off)
+    if args.replay is not None:
+        return replay_main(args.replay)
     out = args.out or os.path.join("runs", f"pbt-{args.algo}-{args.env.replace('/', '_')}")
     try:
+        if args.wandb:
+            require_wandb()
         distributed.start_cli()
         envs.expand_suites([args.env])
         if args.population < 1:
@@ -107,6 +141,11 @@ def main(argv=None) -> int:
         return 2
 
     os.makedirs(out, exist_ok=True)
+    try:
+        sink = open_sink(args.wandb, out, "metarl-pbt", vars(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar = tqdm(total=1, desc=f"{args.algo} rounds", file=sys.stderr, disable=not sys.stderr.isatty())
 
     def progress(done, total):
@@ -116,11 +155,14 @@ def main(argv=None) -> int:
 
     say = (lambda s: tqdm.write(s)) if sys.stderr.isatty() else (lambda s: print(s, flush=True))
     try:
-        result = pbt.run_pbt(log=say, progress=progress, **kwargs)
+        result = pbt.run_pbt(log=say, progress=progress, sink=sink, **kwargs)
     except ValueError as e:  # raised by validation inside run_pbt before anything compiles
         bar.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if sink is not None:
+            sink.finish()
     bar.close()
     if not distributed.is_main():
         return 0

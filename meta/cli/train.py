@@ -9,7 +9,9 @@ every seed to DIR/agent/ (play it with ``metarl-eval DIR``) and checkpoints to
 DIR/checkpoints/ (every --checkpoint-every updates; by default at the first
 progress chunk boundary after every 30 s, and at the end). A killed run
 continues with the same command plus ``--resume``, to the same results as an
-uninterrupted run. From a checkout,
+uninterrupted run. DIR/log.jsonl holds one row per update (mean/min/max
+return over seeds); ``--wandb PROJECT`` sends the same rows to Weights &
+Biases (``pip install -e .[wandb]``). From a checkout,
 ``python scripts/train.py`` is the same command.
 """
 
@@ -25,6 +27,7 @@ from agents.presets import resolve_config
 from meta.checkpoint import CheckpointError, latest_step
 from meta.experiment import CHECKPOINT_DIR, learning_rate_for, train_seeds
 from meta.report import plot_curves, write_curve_csv, write_json
+from meta.tracking import open_sink, require_wandb
 from runtime.cache import enable_compilation_cache
 
 
@@ -57,6 +60,9 @@ def parse_args(argv=None):
                         "the first chunk boundary past each multiple)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (same settings as the run that wrote it)")
+    p.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log DIR/log.jsonl's rows to this Weights & Biases project (the [wandb] extra; "
+                        "WANDB_MODE=offline: no network)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache (also: METARL_NO_COMPILE_CACHE=1)")
     return p.parse_args(argv)
@@ -66,6 +72,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     enable_compilation_cache(disable=args.no_compile_cache)
     try:
+        if args.wandb:
+            require_wandb()
         envs.expand_suites([args.env])
         learned_optim.from_spec(args.optimizer)
         timesteps = args.timesteps
@@ -94,6 +102,11 @@ def main(argv=None) -> int:
         return 2
 
     os.makedirs(out, exist_ok=True)
+    try:
+        sink = open_sink(args.wandb, out, "metarl-train", vars(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"PPO on {args.env} with {args.optimizer}: {args.seeds} seeds x {config.num_updates * config.batch_size:,d} "
         f"steps ({config.num_envs} envs x {config.num_steps} steps, {config.update_epochs} epochs x "
@@ -103,10 +116,13 @@ def main(argv=None) -> int:
     try:
         result = train_seeds(args.env, args.optimizer, config, hparams, args.seeds, args.seed,
                              log=lambda s: print(s, flush=True), learning_rate=lr, run_dir=out,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+                             checkpoint_every=args.checkpoint_every, resume=args.resume, sink=sink)
     except CheckpointError as e:  # --resume with other settings, or unreadable checkpoint files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if sink is not None:
+            sink.finish()
     write_json(os.path.join(out, "results.json"), result)
     write_curve_csv(os.path.join(out, "curve.csv"), result["steps"], result["curves"])
     plot_curves(

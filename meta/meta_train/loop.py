@@ -54,9 +54,10 @@ def make_driver(plan: Plan) -> Driver:
     return metagrad_driver(plan) if plan.mode == "metagrad" else es_driver(plan, reference_returns(plan))
 
 
-def run(plan: Plan) -> None:
+def run(plan: Plan, sink=None) -> None:
     """Runs ``plan`` to its last outer step, then the final comparison.
-    Raises ``checkpoint.CheckpointError`` when ``--resume`` cannot restore."""
+    Raises ``checkpoint.CheckpointError`` when ``--resume`` cannot restore.
+    ``sink`` (``meta.tracking.WandbSink``) gets the ``log.jsonl`` rows."""
     out, generations = plan.run.out, plan.options.generations
     os.makedirs(out, exist_ok=True)
     ckpt_dir = os.path.join(out, "checkpoints")
@@ -85,7 +86,7 @@ def run(plan: Plan) -> None:
             say(driver.line(rows[-1]))
         main = distributed.is_main()  # only process 0 writes; every process checkpoints (orbax)
         if (show or save) and main:
-            write_log_rows(out, rows, driver.fields)
+            write_log_rows(out, rows, driver.fields, sink)
         if save:
             checkpoint.save(ckpt_dir, gen + 1, distributed.to_host(state), {"config": document, "logs": rows})
             meta_params = distributed.to_host(driver.meta_params(state))  # every process: it may be a program

@@ -87,13 +87,20 @@ def td3_available() -> bool:
     return all(hasattr(td3, n) for n in ("make_td3", "TD3Config", "TD3HParams"))
 
 
-def _ppo_agents(env_name, env, env_params, txs, timesteps, **overrides):
-    """PPO members: the env family's preset with ``overrides``; lr annealing
-    is off (PBT schedules the learning rate itself)."""
-    from agents.ppo import PPOHParams, make_ppo
+def ppo_member_config(env_name, timesteps, **overrides):
+    """``(PPOConfig, hparams dict, lr)`` of PBT's PPO members: the env
+    family's preset with ``overrides``; lr annealing is off (PBT schedules the
+    learning rate itself). Also what a saved best member is rebuilt from."""
     from agents.presets import resolve_config
 
-    cfg, hp, lr = resolve_config(env_name, total_timesteps=int(timesteps), anneal_lr=False, **overrides)
+    return resolve_config(env_name, total_timesteps=int(timesteps), anneal_lr=False, **overrides)
+
+
+def _ppo_agents(env_name, env, env_params, txs, timesteps, **overrides):
+    """PPO members (``ppo_member_config``)."""
+    from agents.ppo import PPOHParams, make_ppo
+
+    cfg, hp, lr = ppo_member_config(env_name, timesteps, **overrides)
     agents = []
     for tx in txs:
         agent = make_ppo(cfg, env, env_params, tx)

@@ -3,6 +3,12 @@ histories, checkpoints and the result document.
 
 The jitted round (``program``) runs ``interval`` updates of every member plus
 selection; between rounds the host only logs, records and checkpoints.
+
+With an output directory a run also writes ``OUT/log.jsonl`` (one row per
+round, ``log_rows``; to wandb too with a ``sink``) and, for PPO, saves the
+best final member to ``OUT/agent`` in ``meta.experiment``'s layout, so
+``metarl-eval OUT`` plays it and ``metarl-pbt --replay OUT`` retrains its
+schedule (``meta.pbt.replay``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import numpy as np
 
 from meta import checkpoint, distributed
 from meta.host import fmt_eta, peak_memory_mb
-from meta.pbt.population import make_member_agents, parse_groups
+from meta.report import write_log_rows
+from meta.pbt.population import make_member_agents, parse_groups, ppo_member_config
 from meta.pbt.program import PBTConfig, make_pbt, population_shardings
 
 
@@ -51,6 +58,7 @@ def run_pbt(
     progress: Optional[Callable[[int, int], None]] = None,
     pbt_overrides: Optional[Dict[str, Any]] = None,
     agent_overrides: Optional[Dict[str, Any]] = None,
+    sink=None,
 ) -> Dict[str, Any]:
     """Trains a population with ``algo`` and returns a JSON-able result dict.
 
@@ -60,7 +68,9 @@ def run_pbt(
     the member each one copied from, itself when it kept its weights) and
     checkpoints to ``out/checkpoints`` every ``checkpoint_every`` rounds
     (``resume=True`` continues from the latest). Everything is validated
-    before anything compiles."""
+    before anything compiles. With ``out``: ``out/log.jsonl`` after every
+    round (rows also to ``sink``, ``meta.tracking``) and, for PPO, the best
+    final member saved to ``out/agent`` (``save_best_member``)."""
     config = PBTConfig(algo=algo, exploit=exploit, explore=explore, interval=int(interval),
                        **(pbt_overrides or {}))
     if isinstance(groups, str):
@@ -138,6 +148,8 @@ def run_pbt(
             f"return best {okf.max() if okf.size else float('nan'):8.2f} mean "
             f"{okf.mean() if okf.size else float('nan'):8.2f}  replaced {int(np.sum(info['replaced']))}  "
             f"bad {int(np.sum(info['bad']))}  ETA {fmt_eta(eta)}")
+        if out and distributed.is_main():
+            write_log_rows(out, log_rows(hist, config.interval * steps_per_update, names), LOG_FIELDS, sink)
         if ckpt_dir and ((r + 1) % checkpoint_every == 0 or r + 1 == rounds):
             checkpoint.save(ckpt_dir, r + 1, distributed.to_host(state), {"config": doc_config, "history": hist})
 
@@ -168,6 +180,15 @@ def run_pbt(
         )
         for i in range(p)
     ]
+    if hist["fitness"]:
+        result["best_member"] = best_member(hist)
+        if out and agent_kind == "ppo":
+            host = distributed.to_host(state)  # (every process: arrays may be split over processes)
+            save_best_member(os.path.join(out, "agent"), host, result["best_member"], groups, env, int(timesteps),
+                             int(seed), agent_overrides or {}, float(result["final_return"][result["best_member"]]),
+                             rounds * config.interval)
+            say(f"best member {result['best_member']} saved to {os.path.join(out, 'agent')} "
+                f"(play it with metarl-eval {out})")
     if time_selection and rounds > start:
         # The selection alone, jitted apart, against the mean wall time of a whole round.
         select_jit = jax.jit(pbt.select)  # (placement as the state has it)
@@ -180,3 +201,72 @@ def run_pbt(
         say(f"selection: {t_select * 1e3:.2f} ms per round vs {t_round * 1e3:.1f} ms per whole round "
             f"({100 * result['selection_share']:.2f}%)")
     return result
+
+
+LOG_FIELDS = ("round", "env_steps", "return_best", "return_mean", "return_min", "replaced", "diverged")
+
+
+def log_rows(hist: Dict[str, list], steps_per_round: int, names: Sequence[str]) -> list:
+    """The ``log.jsonl`` rows of a PBT run from its history: per round the
+    best, mean and min fitness over finite members, how many members copied
+    another (``replaced``) or were bad, and the tuned values the best member
+    trained that round with (``best_NAME``)."""
+    rows = []
+    for r, (fit, hp, src, bad) in enumerate(zip(hist["fitness"], hist["hparams"], hist["lineage"], hist["bad"])):
+        fit = np.asarray(fit, np.float64)
+        ok = np.isfinite(fit)
+        row = dict(round=r + 1, env_steps=(r + 1) * steps_per_round,
+                   return_best=float(fit[ok].max()) if ok.any() else None,
+                   return_mean=float(fit[ok].mean()) if ok.any() else None,
+                   return_min=float(fit[ok].min()) if ok.any() else None,
+                   replaced=int(sum(int(s) != i for i, s in enumerate(src))), diverged=int(np.sum(bad)))
+        if ok.any():
+            b = int(np.argmax(np.where(ok, fit, -np.inf)))
+            row.update({f"best_{n}": float(hp[b][j]) for j, n in enumerate(names)})
+        rows.append(row)
+    return rows
+
+
+def best_member(hist: Dict[str, list]) -> int:
+    """The member with the highest final fitness among those that are fine
+    (finite, not bad) and kept their own weights in the last selection (the
+    best one always does; its saved state is then the one that earned the
+    fitness). None qualifies -> the highest finite fitness, else member 0."""
+    fit = np.asarray(hist["fitness"][-1], np.float64)
+    bad = np.asarray(hist["bad"][-1], bool)
+    kept = np.asarray(hist["lineage"][-1]) == np.arange(fit.size)
+    for ok in (np.isfinite(fit) & ~bad & kept, np.isfinite(fit)):
+        if ok.any():
+            return int(np.argmax(np.where(ok, fit, -np.inf)))
+    return 0
+
+
+def save_best_member(agent_dir: str, state, member: int, groups, env: str, timesteps: int, seed: int,
+                     agent_overrides: Dict[str, Any], final_return: float, updates: int) -> None:
+    """Saves PPO member ``member`` of the (host) PBT ``state`` to ``agent_dir``
+    (``save_ppo_member``)."""
+    offsets = np.cumsum([0] + [g.size for g in groups])
+    g = int(np.searchsorted(offsets, member, side="right") - 1)
+    local = member - int(offsets[g])
+    one = jax.tree.map(lambda x: x[local:local + 1], state.members[g])
+    save_ppo_member(agent_dir, one, groups[g].spec, env, timesteps, seed, agent_overrides, final_return, updates,
+                    pbt_member=int(member))
+
+
+def save_ppo_member(agent_dir: str, one, spec: str, env: str, timesteps: int, seed: int,
+                    agent_overrides: Dict[str, Any], final_return: float, updates: int, **extra) -> None:
+    """Saves one PPO member state (leaves ``[1, ...]``) to ``agent_dir`` as a
+    one-seed ``metarl-train`` agent (``meta.experiment.save_agent``): its
+    parameters, optimizer state, normaliser and current hyperparameters, with
+    a ``run_document`` that rebuilds it (optimizer ``spec``, PBT's PPO member
+    config) and ``pbt_updates`` plus ``extra`` added."""
+    from agents import core
+    from meta.experiment import agent_tree, run_document, save_agent
+
+    cfg, _, preset_lr = ppo_member_config(env, timesteps, **agent_overrides)
+    hparams = {k: float(np.asarray(v)[0]) for k, v in one.hparams._asdict().items()}
+    lr = core.learning_rate(one)
+    lr = preset_lr if lr is None else float(np.asarray(lr)[0])
+    document = run_document(env, spec, cfg, hparams, lr, 1, seed)
+    document.update(pbt_updates=int(updates), **extra)
+    save_agent(agent_dir, int(updates), agent_tree(one), document, [final_return])
