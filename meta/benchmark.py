@@ -12,6 +12,11 @@ sweep runs would bias them upwards (the best of several noisy estimates).
 
 Used by ``meta.cli.benchmark``; the README's results tables come from it
 (rendered by ``meta.report``).
+
+Over several processes (``jax.distributed``, ``meta.distributed.start_cli``)
+every process trains every cell on its own first device, the same program
+from the same keys, so the records equal one process's; only process 0
+writes ``cells/`` and the outputs.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import envs
 import learned_optim
 from agents.presets import preset_for, resolve_config
 from learned_optim import registry
-from meta import report, stats
+from meta import distributed, report, stats
 from meta.experiment import learning_rate_for, train_lr_sweep, train_seeds
 from meta.host import device_description, fmt_eta
 from meta.lr_tuning import SELECTION_RULE, LrGrid, LrGrids, select_lr
@@ -39,7 +44,7 @@ from meta.report import write_json
 # Env steps per second of PPO on one CPU core, per env family, for the
 # "this will take hours" warning (measured on the project's CI machine);
 # each optimizer's speed relative to Adam is ``registry.info(spec).cpu_speed``.
-CPU_STEPS_PER_SECOND = {"brax": 2_000, "minatar": 25_000, "classic": 60_000, "gridworld": 30_000}
+CPU_STEPS_PER_SECOND = {"brax": 2_000, "brax_small": 30_000, "minatar": 25_000, "classic": 60_000, "gridworld": 30_000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +214,8 @@ def run_cells(cells: Sequence[Cell], out: str, train: Optional[Callable] = None,
                 tune = sweep(cell.env, cell.optimizer, tune_config, tune_hp, cell.lr_grid, cell.tune_seeds,
                              seed=cell.seed, log=log)
                 tune["settings"] = cell.settings()
-                write_json(tune_path, tune)
+                if distributed.is_main():
+                    write_json(tune_path, tune)
             else:
                 log(f"[{cell.env} | {cell.optimizer}] lr sweep done earlier, reused")
             choice = select_lr(tune["lrs"], tune["final_return"], tune.get("diverged"))
@@ -228,7 +234,8 @@ def run_cells(cells: Sequence[Cell], out: str, train: Optional[Callable] = None,
             res["lr_tuning"] = tuning
         res["settings"] = cell.settings()
         res["device"] = device_description()
-        write_json(path, res)
+        if distributed.is_main():
+            write_json(path, res)
         records.append(res)
         done_cost += cell.cost()
         eta = (time.perf_counter() - t0) / done_cost * (total_cost - done_cost)
@@ -305,6 +312,8 @@ def write_outputs(records: Sequence[Dict], out: str, reference: str) -> Dict[str
     optimizer: grid, mean return per lr, chosen lr), a sweep table per env in
     ``results.md`` and ``lr_sweep_ENV.png`` (lr -> mean return)."""
     table = summarise(records, reference)
+    if not distributed.is_main():  # process 0 writes
+        return table
     lr_tuning = _lr_tuning_summary(records)
     write_json(os.path.join(out, "results.json"),
                dict(reference=reference, cells=list(records), table=table, lr_tuning=lr_tuning,

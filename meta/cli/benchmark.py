@@ -49,7 +49,7 @@ import jax
 
 import envs
 from learned_optim.spec import split_spec_list
-from meta import benchmark
+from meta import benchmark, distributed
 from meta.lr_tuning import DEFAULT_LR_GRID, parse_lr_grids
 
 
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
+        distributed.start_cli()  # several processes: JAX_COORDINATOR_ADDRESS etc. (only process 0 prints)
         env_names = envs.expand_suites([e for e in a.envs.split(",") if e.strip()])
         specs = list(split_spec_list(a.optimizers))
         benchmark.check_inputs(env_names, specs, a.seeds, a.timesteps)
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     benchmark.write_outputs(records, a.out, reference)
+    if not distributed.is_main():  # process 0 wrote the outputs
+        return 0
     with open(os.path.join(a.out, "results.md")) as f:
         print("\n" + f.read())
     return 0
