@@ -31,6 +31,7 @@ import pytest
 import learned_optim
 from learned_optim.context import LayerStats
 from tests.conftest import ROOT, SHARED
+from tests.flax_reference import ref_gru
 
 # ---- constants typed from the reference ------------------------------------------------
 REF_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)  # network.py:91 ("ALL MOMENTUM TIMESCALES")
@@ -82,20 +83,6 @@ def unpack_published(flat):
 
 
 # ---- the transcription -----------------------------------------------------------------------
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def ref_gru(gru, h, x):
-    """flax GRUCell (linen/recurrent.py, GRUCell.__call__):
-    r = s(x Wir + bir + h Whr); z = s(x Wiz + biz + h Whz);
-    n = tanh(x Win + bin + r (h Whn + bhn)); h' = (1 - z) n + z h."""
-    r = sigmoid(x @ gru["ir"]["kernel"] + gru["ir"]["bias"] + h @ gru["hr"]["kernel"])
-    z = sigmoid(x @ gru["iz"]["kernel"] + gru["iz"]["bias"] + h @ gru["hz"]["kernel"])
-    n = np.tanh(x @ gru["in"]["kernel"] + gru["in"]["bias"] + r * (h @ gru["hn"]["kernel"] + gru["hn"]["bias"]))
-    return (1.0 - z) * n + z * h
-
 
 def ref_layernorm(x, ln):
     mu = x.mean(-1, keepdims=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from learned_optim import Optim4RLRule
+from tests.flax_reference import ref_gru
 
 # ---- constants typed from the reference ------------------------------------------------
 REF_HIDDEN = 8        # components/optim.py:79 (hidden_size)
@@ -28,20 +29,6 @@ REF_GRAD_CLIP = 1.0   # configs/meta_rl_grid.json:22 (agent_optim), configs/lopt
 REF_LR = 3e-3         # configs/meta_rl_grid.json:21 (one of the per-env learning rates)
 # mlp_dims = () (optim.py:78): each MLP is a single Dense(1) (optim.py:91-103, the trailing relu popped).
 # rnn_hidden_act = 'Tanh' (optim.py:77, :88): flax GRUCell's candidate activation, tanh.
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def ref_gru(p, h, x):
-    """flax GRUCell (linen/recurrent.py, GRUCell.__call__), activation tanh:
-    r = s(x Wir + bir + h Whr); z = s(x Wiz + biz + h Whz);
-    n = tanh(x Win + bin + r (h Whn + bhn)); h' = (1 - z) n + z h."""
-    r = sigmoid(x @ p["ir"]["kernel"] + p["ir"]["bias"] + h @ p["hr"]["kernel"])
-    z = sigmoid(x @ p["iz"]["kernel"] + p["iz"]["bias"] + h @ p["hz"]["kernel"])
-    n = np.tanh(x @ p["in"]["kernel"] + p["in"]["bias"] + r * (h @ p["hn"]["kernel"] + p["hn"]["bias"]))
-    return (1.0 - z) * n + z * h
 
 
 def ref_dense(p, x):
