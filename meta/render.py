@@ -2,7 +2,7 @@
 
 The agent of seed ``seed_index`` plays ``frames`` steps of one env (episodes
 follow each other, reset automatically) with the same policy as
-``metarl-eval`` (``meta.experiment.policy``); every step's env state is kept
+``metarl-eval`` (``meta.saved_agent.policy``); every step's env state is kept
 and handed to the library that draws it:
 
 * gymnax envs: gymnax's own ``gymnax.visualize.Visualizer`` writes a GIF
@@ -65,7 +65,7 @@ def play_frames(saved, frames: int, seed: int = 0, deterministic: bool = False, 
     ``(states, rewards [T], done [T])``, ``states`` the innermost env state
     before each step (leaves ``[T, ...]``)."""
     from envs.wrappers import VecEnv
-    from meta.experiment import EVALUATION_STREAM, policy
+    from meta.saved_agent import EVALUATION_STREAM, policy
 
     vec = VecEnv(saved.env, 1)
     act = policy(saved, deterministic)

@@ -48,7 +48,7 @@ def test_gif_of_cartpole_shows_every_step_and_the_resets(cartpole, tmp_path, cap
     from PIL import Image
 
     from meta.cli import eval as eval_cli
-    from meta.experiment import load_agent
+    from meta.saved_agent import load_agent
     from meta.render import play_frames
 
     path = str(tmp_path / "gifs" / "cartpole.gif")

@@ -56,7 +56,7 @@ def expected_schedule(result, member):
 
 def test_pbt_saves_its_best_final_member_for_metarl_eval(pbt_run, capsys):
     from meta.cli import eval as eval_cli
-    from meta.experiment import load_agent
+    from meta.saved_agent import load_agent
 
     out, res = pbt_run
     final = np.asarray(res["final_return"])
@@ -109,7 +109,7 @@ def test_pbt_rows_reach_wandb(pbt_run):
 
 def test_replay_trains_the_lineage_traced_schedule(pbt_run, capsys):
     from meta.cli import pbt as pbt_cli
-    from meta.experiment import load_agent
+    from meta.saved_agent import load_agent
 
     out, res = pbt_run
     assert pbt_cli.main(["--replay", out]) == 0
@@ -166,7 +166,8 @@ def test_es_evaluation_agents_layout_and_agent_dir_saves_only_the_agents(tmp_pat
     from agents.presets import resolve_config
     from meta.cli import eval as eval_cli
     from meta.checkpoint import read_document
-    from meta.experiment import load_agent, train_seeds
+    from meta.experiment import train_seeds
+    from meta.saved_agent import load_agent
     from meta.meta_train.compare import agent_dir_for
 
     out = str(tmp_path / "es")
@@ -194,7 +195,7 @@ def test_es_evaluation_agents_layout_and_agent_dir_saves_only_the_agents(tmp_pat
 def test_es_final_comparison_saves_the_learned_optimizers_agents(tmp_path, capsys):
     from meta.cli import eval as eval_cli
     from meta.es import ESConfig
-    from meta.experiment import load_agent
+    from meta.saved_agent import load_agent
     from meta.meta_train import compare
 
     out = str(tmp_path / "es")

@@ -83,7 +83,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_results(runs):
 def test_saved_agents_equal_and_rebuild_from_their_document(runs):
     import jax
 
-    from meta.experiment import load_agent
+    from meta.saved_agent import load_agent
 
     a, b = load_agent(str(runs["whole"])), load_agent(str(runs["killed"]))
     assert a.document == b.document and a.document["env"] == "CartPole-v1" and a.config.hidden_sizes == (16, 16)
@@ -152,7 +152,8 @@ def test_continuous_agent_with_normalisers_saves_and_plays(tmp_path):
     import dataclasses
 
     from agents.presets import resolve_config
-    from meta.experiment import evaluate_agent, load_agent, train_seeds
+    from meta.experiment import train_seeds
+    from meta.saved_agent import evaluate_agent, load_agent
 
     cfg, hp, lr = resolve_config("Pendulum-v1", total_timesteps=4 * 32 * 3, num_envs=4, num_steps=32,
                                  hidden_sizes=(8,), update_epochs=1, num_minibatches=2)

@@ -54,7 +54,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     enable_compilation_cache(disable=args.no_compile_cache)
-    from meta.experiment import evaluate_agent, load_agent  # (JAX starts after the cache is set)
+    from meta.saved_agent import evaluate_agent, load_agent  # (JAX starts after the cache is set)
     from meta.render import check_renderable, render
 
     try:
