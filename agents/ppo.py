@@ -242,6 +242,25 @@ def make_ppo(config: PPOConfig, env, env_params, tx) -> PPOAgent:
     return PPOAgent(config, init, update, run, train, full_tx, stats_needed, uses_lr, rollout)
 
 
+# How a run's learning curve becomes one number (ES fitness, the final
+# comparison against Adam): the fraction of the last iterations whose finished
+# episodes are averaged. "training_mean" (every episode that finished during
+# training) rewards learning fast; "final_window" rewards where a run ends.
+RETURN_MEASURES = {"final_window": 0.1, "last_update": 0.0, "training_mean": 1.0}
+RETURN_MEASURE_WORDS = {
+    "final_window": "final return (mean episode return over the last 10% of training)",
+    "last_update": "the last update's mean episode return",
+    "training_mean": "mean return over the whole run (every episode that finished during training)",
+}
+
+
+def measure_fraction(measure: str) -> float:
+    """``RETURN_MEASURES[measure]``; an unknown name -> ``ValueError`` naming the allowed ones."""
+    if measure not in RETURN_MEASURES:
+        raise ValueError(f"return measure {measure!r}; allowed: {', '.join(RETURN_MEASURES)}")
+    return RETURN_MEASURES[measure]
+
+
 def final_return(metrics: Dict[str, Any], fraction: float = 0.1):
     """Mean episode return over the last ``fraction`` of iterations, weighted
     by the episodes that finished in each (last axis = iterations)."""

@@ -37,14 +37,14 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import envs
-from agents.ppo import PPOHParams, make_ppo
+from agents.ppo import RETURN_MEASURES, PPOHParams, make_ppo
 from meta.distributed import POP, population_mesh, replicated_sharding
 from agents.presets import resolve_config
 
 WORST_FITNESS = -1e6  # given to candidates whose return is NaN/Inf
 CPU_MEMBER_BATCH = 8  # candidates vmapped together per device on CPU (ESConfig.member_batch None)
 INIT_MEANS = ("rule", "zeros")
-FITNESS_MEASURES = ("final_window", "last_update")
+FITNESS_MEASURES = tuple(RETURN_MEASURES)
 COMMON_KEYS = ("none", "all", "pairs")
 
 
@@ -233,8 +233,7 @@ def make_evaluator(config: ESConfig, rule):
             agent = make_ppo(cfg, env, env_params, rule.make_optimizer(meta_params))
             keys = jax.random.split(jax.random.fold_in(key, e), config.seeds)
             _, m = jax.vmap(agent.train, in_axes=(0, None, None))(keys, hp, lr)
-            out.append(final_return_jnp(m) if config.fitness_measure == "final_window"
-                       else final_return_jnp(m, fraction=0.0))
+            out.append(final_return_jnp(m, fraction=RETURN_MEASURES[config.fitness_measure]))
         return jnp.stack(out)
 
     return evaluate

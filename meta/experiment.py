@@ -29,7 +29,7 @@ import numpy as np
 
 import envs
 import learned_optim
-from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo
+from agents.ppo import PPOConfig, PPOHParams, final_return, make_ppo, measure_fraction
 from agents.presets import make_optimizer, optimizer_spec as agent_optimizer_spec
 from learned_optim import registry
 from learned_optim.spec import explicit_learning_rate
@@ -392,6 +392,7 @@ def train_lr_sweep(
     seed: int = 0,
     log: Optional[Callable[[str], None]] = print,
     target_chunks: int = 20,
+    measure: str = "final_window",
 ) -> Dict:
     """A learning-rate sweep as ONE vmapped program: ``len(lrs) x num_seeds``
     members, member ``i * num_seeds + s`` has ``lrs[i]`` and tuning key ``s``
@@ -400,7 +401,8 @@ def train_lr_sweep(
     one, so the grid needs no recompilation; an optimizer without an injected
     learning rate -> ``ValueError``.
 
-    Returns ``final_return [L, S]``, ``diverged [L, S]`` (non-finite parameters
+    Returns ``final_return [L, S]`` (by ``measure``, one of
+    ``agents.ppo.RETURN_MEASURES``), ``diverged [L, S]`` (non-finite parameters
     at the end), ``mean_curves [L, U]`` (learning curve per lr, mean over
     seeds), ``steps [U]`` and timings."""
     lrs = [float(x) for x in lrs]
@@ -410,6 +412,7 @@ def train_lr_sweep(
         raise ValueError(f"--tune-seeds must be >= 1, got {num_seeds}")
     if registry.info(optimizer_spec).default_lr is None:
         raise ValueError(f"optimizer {optimizer_spec!r} has no injected learning rate to tune")
+    fraction = measure_fraction(measure)
     num_lrs = len(lrs)
     hp = PPOHParams.default(**hparams)
     hp_pop = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_lrs * num_seeds,)), hp)
@@ -420,7 +423,7 @@ def train_lr_sweep(
     if not raw["uses_lr"]:  # pragma: no cover - the registry said otherwise
         raise ValueError(f"optimizer {optimizer_spec!r} has no injected learning rate")
     metrics = {"episode_return": raw["curves"], "episodes": raw["counts"]}
-    returns = final_return(metrics).reshape(num_lrs, num_seeds)
+    returns = final_return(metrics, fraction).reshape(num_lrs, num_seeds)
     steps_per_update = config.batch_size
     return {
         "lrs": lrs,
@@ -428,6 +431,7 @@ def train_lr_sweep(
         "seeds": num_seeds,
         "seed": seed,
         "key_stream": f"split(fold_in(key({seed}), {TUNING_STREAM}), {num_seeds})",
+        "measure": measure,
         "timesteps_per_seed": config.num_updates * steps_per_update,
         "final_return": returns.tolist(),
         "diverged": (~raw["finite"][:, -1]).reshape(num_lrs, num_seeds).tolist(),

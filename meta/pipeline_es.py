@@ -14,7 +14,10 @@ lifetime. One generation:
    episodes that end inside the window (a unit where none ends counts with
    its previous return, equal for all candidates);
 3. fitness and tell as for whole lifetimes (``return / |reference|`` averaged
-   over envs; references default to 1); evosax minimises, so ``-fitness``;
+   over envs; references default to 1); evosax minimises, so ``-fitness``.
+   With ``fitness="relative"`` a candidate's score on a unit is its return
+   there relative to the ES mean's on the same unit, in units of the
+   candidates' spread on it (``relative_scores``): every unit counts alike;
 4. the carried units advance by ``window`` updates with the ES *mean* (the
    optimizer the run would hand out); the candidates' copies are dropped.
 
@@ -55,10 +58,38 @@ class PipelineESConfig:
 
     pipeline: PipelineConfig = PipelineConfig(num_units=4, reset_interval=20)
     window: int = 8
+    fitness: str = "return"  # UNIT_FITNESS
 
     def __post_init__(self):
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"PipelineESConfig.window must be a positive integer, got {self.window!r}")
+        if self.fitness not in UNIT_FITNESS:
+            raise ValueError(f"--unit-fitness {self.fitness!r}; allowed: {', '.join(UNIT_FITNESS)}")
+
+
+# What a candidate's score on one unit is. "return": its window return (the
+# mean over units then favours the units whose returns spread most, the old
+# ones). "relative": its window return minus the ES mean's on the same unit
+# (same parameters, state and keys), divided by the spread of the
+# candidates' returns on that unit (at least the env's mean spread over units),
+# so no unit outweighs the others because of its age.
+UNIT_FITNESS = ("return", "relative")
+RELATIVE_EPS = 1e-6
+
+
+def relative_scores(returns: jax.Array, mean_returns: jax.Array) -> jax.Array:
+    """``(R[p, e, u] - M[e, u]) / (max(s[e, u], mean_u s[e, u]) + eps)`` with
+    ``s[e, u] = std_p R[., e, u]``: candidates' window returns ``[P, E, N]``
+    relative to the ES mean's ``[E, N]`` on the same units, per unit in units
+    of the candidates' spread there (floored at the env's mean spread). A
+    non-finite candidate stays non-finite (``make_es`` marks it bad) and is
+    left out of the spread, so it cannot poison the others' scores."""
+    returns = jnp.where(jnp.isfinite(returns), returns, jnp.nan)
+    spread = jnp.nanstd(returns, axis=0)  # [E, N]
+    # A unit whose candidates barely differ (no episode ended in the window) must not
+    # turn that noise into large scores: its spread is floored at the env's mean spread.
+    spread = jnp.maximum(spread, jnp.nanmean(spread, axis=-1, keepdims=True))
+    return (returns - mean_returns[None]) / (spread[None] + RELATIVE_EPS)
 
 
 class UnitEvaluation(NamedTuple):
@@ -109,7 +140,9 @@ def unit_evaluation(config: ESConfig, rule, pipeline_config: PipelineESConfig, a
         mean_returns, advanced = run_window(mean, unit_states)
         pipes = tuple(p.advance(s, u) for p, s, u in zip(pipelines, pipes, advanced))
         extra = dict(es_mean_return=mean_returns.mean(-1), unit_ages=jnp.stack([s.ages for s in pipes]),
-                     resets=jnp.stack([m.sum() for _, m in stepped]))
+                     resets=jnp.stack([m.sum() for _, m in stepped]), candidate_return=returns.mean(-1))
+        if pipeline_config.fitness == "relative":
+            returns = relative_scores(returns, mean_returns)
         return returns, pipes, extra
 
     # Candidates plus the mean, every env and unit, ``window`` rollouts each.

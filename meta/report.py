@@ -372,12 +372,12 @@ def plot_objective(out: str, rows: Sequence[Dict]) -> None:
                 title="pipeline meta-gradient", xlabel="meta-step", ylabel="value")
 
 
-def comparison_table(results: Sequence[Tuple[str, str, Sequence[float]]]) -> List[str]:
+def comparison_table(results: Sequence[Tuple[str, str, Sequence[float]]], value: str = "final return") -> List[str]:
     """Markdown lines of a final comparison: ``results`` = (env, optimizer
-    label, final return per seed) -> mean ± s.e. and the per-seed values."""
-    lines = ["| env | optimizer | final return (mean ± s.e.) | per seed |", "|---|---|---|---|"]
+    label, ``value`` per seed) -> mean ± s.e. and the per-seed values."""
+    lines = [f"| env | optimizer | {value} (mean ± s.e.) | per seed |", "|---|---|---|---|"]
     for name, label, fr in results:
         fr = np.asarray(fr, np.float64)
-        lines.append(f"| {name} | {label} | {fr.mean():.2f} ± {stats.stderr(fr):.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in fr)} |")
+        lines.append(f"| {name} | {label} | {fr.mean():.3f} ± {stats.stderr(fr):.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in fr)} |")
     return lines

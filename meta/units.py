@@ -108,3 +108,26 @@ def train_a2c_seeds(env_name: str, optimizer_spec: str, a2c_config: A2CConfig, h
                 final_return_se=float(fr.std(ddof=1) / np.sqrt(len(fr))) if len(fr) > 1 else 0.0,
                 diverged_seeds=int(np.sum(~np.asarray(m["finite"])[:, -1])),
                 steps=steps, curves=np.asarray(m["episode_return"]).tolist())
+
+
+def train_a2c_lr_sweep(env_name: str, optimizer_spec: str, a2c_config: A2CConfig, hparams: A2CHParams,
+                       lrs, num_seeds: int, seed: int = 0) -> Dict[str, Any]:
+    """An A2C learning-rate sweep as one vmapped program: ``len(lrs) x
+    num_seeds`` fresh agents, lr ``lrs[i]`` on keys ``split(key(seed),
+    num_seeds)`` (the same keys for every lr). Returns ``final_return [L, S]``
+    (mean over the last 10% of updates), ``diverged [L, S]`` and ``lrs``."""
+    import envs
+    from agents.ppo import final_return
+    from agents.presets import make_optimizer
+
+    lrs = [float(x) for x in lrs]
+    env, env_params = envs.make(env_name)
+    agent = make_a2c(a2c_config, env, env_params, make_optimizer(optimizer_spec, "a2c"))
+    keys = jnp.tile(jax.random.split(jax.random.key(seed), num_seeds), (len(lrs),))
+    lr_pop = jnp.repeat(jnp.asarray(lrs, jnp.float32), num_seeds)
+    _, m = jax.jit(jax.vmap(agent.train, (0, None, 0)))(keys, hparams, lr_pop)
+    m = jax.device_get(m)
+    fr = np.asarray(final_return(m, 0.1), np.float64).reshape(len(lrs), num_seeds)
+    diverged = ~np.asarray(m["finite"])[:, -1].reshape(len(lrs), num_seeds)
+    return dict(lrs=lrs, final_return=fr.tolist(), diverged=diverged.tolist(), seeds=num_seeds, seed=seed,
+                key_stream=f"split(key({seed}), {num_seeds})")

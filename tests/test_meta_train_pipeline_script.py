@@ -124,7 +124,11 @@ def test_end_to_end_and_resume_equals_uninterrupted(script, tiny, plot, tmp_path
     for name in ("log.csv", plot, "summary.md", "comparison.png", "checkpoints"):
         assert os.path.exists(os.path.join(a, name)), name
     summary = open(os.path.join(a, "summary.md")).read()
-    assert "| Catch-bsuite | adam |" in summary and "| Catch-bsuite | learned" in summary
+    assert "| Catch-bsuite | adam (tuned lr) |" in summary and "| Catch-bsuite | learned" in summary
+    doc = json.load(open(os.path.join(a, "summary.json")))
+    entry = doc["envs"]["Catch-bsuite"]
+    assert doc["measure"] == "final_window" and len(entry["learned"]["per_seed"]) == 2
+    assert len(entry["adam_tuned"]["lr_grid"]) >= 4 and entry["adam_tuned"]["lr"] in entry["adam_tuned"]["lr_grid"]
     import learned_optim
 
     tx = learned_optim.from_spec("lopt:" + os.path.join(a, "optimizer"))

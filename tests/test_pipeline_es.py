@@ -11,7 +11,7 @@ from meta import checkpoint
 from meta.distributed import jit_placed
 from meta.es import ESConfig, make_es
 from meta.pipeline import PipelineConfig
-from meta.pipeline_es import PipelineESConfig, unit_evaluation
+from meta.pipeline_es import PipelineESConfig, relative_scores, unit_evaluation
 from tests.test_es import LogLRRule, start
 
 A2C = A2CConfig(num_envs=4, num_steps=10, hidden_sizes=(16,), total_timesteps=4 * 10 * 4 * 4)
@@ -19,10 +19,11 @@ HP = A2CHParams.default(gamma=0.99)
 
 
 def _trainer(envs=("Catch-bsuite",), population=4, units=2, reset_interval=3, window=2, start=3e-3, sigma=1.0,
-             lr=0.5, a2c=A2C):
+             lr=0.5, a2c=A2C, fitness="return"):
     """(ES over pipeline units, its jitted generation step)."""
     cfg = ESConfig(envs=envs, population=population, sigma=sigma, lr=lr)
-    pc = PipelineESConfig(PipelineConfig(num_units=units, reset_interval=reset_interval), window=window)
+    pc = PipelineESConfig(PipelineConfig(num_units=units, reset_interval=reset_interval), window=window,
+                          fitness=fitness)
     rule = LogLRRule(start=start)
     es = make_es(cfg, rule, unit_evaluation(cfg, rule, pc, a2c, HP))
     return es, jit_placed(es.step, es.state_sharding)
@@ -42,6 +43,34 @@ def _plain(tree):
 def test_bad_window():
     with pytest.raises(ValueError, match="window"):
         PipelineESConfig(window=0)
+    with pytest.raises(ValueError, match="--unit-fitness 'rank'; allowed: return, relative"):
+        PipelineESConfig(fitness="rank")
+
+
+def test_relative_scores_by_hand():
+    """(R - M) / (max(population std of R on the unit, the env's mean of those) + eps),
+    unit by unit; a NaN candidate stays NaN and is left out of the others' spread."""
+    rng = np.random.default_rng(0)
+    R = rng.normal(size=(6, 2, 3)).astype(np.float32)
+    R[:, 0, 1] *= 100.0  # an old unit with a large spread counts as much as the others
+    M = rng.normal(size=(2, 3)).astype(np.float32)
+    R[:, 1, 2] = R[0, 1, 2] + 1e-4 * R[:, 1, 2]  # a unit where candidates barely differ
+    want = np.empty_like(R)
+    sd = np.sqrt(np.mean((R - R.mean(0)) ** 2, axis=0, dtype=np.float64))  # [E, N]
+    for e in range(2):
+        floor = sd[e].mean()
+        for u in range(3):
+            want[:, e, u] = (R[:, e, u] - M[e, u]) / (max(sd[e, u], floor) + 1e-6)
+    assert np.abs(want[:, 1, 2]).max() < 1.0 + np.abs(M[1, 2] - R[0, 1, 2]) / sd[1].mean()
+    np.testing.assert_allclose(relative_scores(jnp.asarray(R), jnp.asarray(M)), want, rtol=1e-5, atol=1e-6)
+    R_bad = R.copy()
+    R_bad[2, 1, 0] = np.nan
+    got = np.asarray(relative_scores(jnp.asarray(R_bad), jnp.asarray(M)))
+    assert np.isnan(got[2, 1, 0]) and np.isfinite(np.delete(got[:, 1, 0], 2)).all()
+    rest = np.delete(R[:, 1, 0], 2).astype(np.float64)
+    floor = np.mean([rest.std()] + [sd[1, u] for u in (1, 2)])
+    np.testing.assert_allclose(np.delete(got[:, 1, 0], 2), (rest - M[1, 0]) / (max(rest.std(), floor) + 1e-6),
+                               rtol=1e-5)
 
 
 def test_candidates_see_the_same_units_and_the_mean_advances_them(trainer):

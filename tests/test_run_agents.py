@@ -202,7 +202,9 @@ def test_es_final_comparison_saves_the_learned_optimizers_agents(tmp_path, capsy
     _mlp_optimizer(os.path.join(out, "optimizer"))
     config = ESConfig(envs=("CartPole-v1",), timesteps=2048, seeds=1)
     said = []
-    compare.compare_with_adam(out, config, 2, said.append)
+    tuning = {"CartPole-v1": dict(lr=3e-4, lr_grid=[1e-4, 3e-4, 1e-3, 3e-3], mean_return=[1.0, 2.0, 1.5, 1.0],
+                                  stderr=[0.0] * 4, at_edge=False, tuning_seeds=1, rule="by hand")}
+    compare.compare_with_adam(out, config, 2, tuning, said.append)
     learned = [s for s in said if s.startswith("final comparison on CartPole-v1: learned")]
     assert len(learned) == 1 and os.path.exists(os.path.join(out, "summary.md"))
     saved = load_agent(out)
@@ -210,7 +212,7 @@ def test_es_final_comparison_saves_the_learned_optimizers_agents(tmp_path, capsy
     assert doc["optimizer"] == "lopt:" + os.path.abspath(os.path.join(out, "optimizer")) and doc["seeds"] == 2
     assert doc["seed"] == config.seed + 20_000 and doc["ppo_config"]["total_timesteps"] == 2048
     # The saved final returns are the ones the comparison reported for the learned optimizer.
-    reported = float(learned[0].rsplit(" ", 1)[1])
+    reported = float(learned[0].split()[-2])
     from meta.checkpoint import read_document
 
     _, stored = read_document(os.path.join(out, "agent"))

@@ -51,6 +51,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from agents.ppo import RETURN_MEASURE_WORDS
 from learned_optim import registry
 from meta import distributed
 from meta.meta_train.plan import (METHODS, LifetimeESOptions as ES, MetaGradOptions as MG, RunOptions,
@@ -75,6 +76,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       help=f"outer steps between checkpoints (default: {ES.checkpoint_every} / {UES.checkpoint_every} / "
            f"{MG.checkpoint_every})")
     a("--final-seeds", type=int, default=run.final_seeds, help="seeds for the final comparison against Adam (0: skip)")
+    a("--adam-lr-grid", default=run.adam_lr_grid,
+      help="Adam's learning rates, tuned on --tune-seeds seeds apart from the evaluation seeds, for ES's "
+           "reference return and the final comparison: absolute values or x-multipliers of the env preset's "
+           f"lr, at least 4 (default {run.adam_lr_grid})")
+    a("--tune-seeds", type=int, default=run.tune_seeds, help=f"seeds per lr of Adam's tuning (default {run.tune_seeds})")
     a("--recipe", default=None,
       help="a reference's own settings as the defaults (flags given still win): open-paper (OPEN's ES and "
            "PPO, --method es), optim4rl-paper (Optim4RL's pipeline, --method metagrad); see docs/fidelity.md")
@@ -91,6 +97,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
            "for whole lifetimes, 1 for pipeline units)")
     g = p.add_argument_group("ES over whole lifetimes (--method es without --pipeline-units)").add_argument
     g("--seeds", type=int, default=None, help=f"PPO seeds per candidate and env (default {ES.seeds})")
+    g("--fitness-measure", default=None,
+      help=f"what fitness and the final comparison measure: {', '.join(RETURN_MEASURE_WORDS)} "
+           f"(default {ES.fitness_measure}: " + RETURN_MEASURE_WORDS[ES.fitness_measure] + ")")
+    g("--common-keys", default=None,
+      help=f"candidates' PPO keys: none (each its own), all (every candidate the same), pairs (each antithetic "
+           f"pair the same) (default {ES.common_keys})")
     g("--timesteps", type=float, default=None, help=f"inner PPO env steps per agent (default {ES.timesteps:g})")
     g("--eval-every", type=int, default=None,
       help="every k generations also train agents with the ES mean and log its return (0: off)")
@@ -104,6 +116,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g("--inner-steps", type=int, default=None,
       help=f"A2C updates per unit and outer step: K for metagrad ({MG.inner_steps}), the fitness window for ES "
            f"({UES.inner_steps})")
+    g("--unit-fitness", default=None,
+      help="ES over units: a candidate's score per unit, 'return' (its window return) or 'relative' (minus the "
+           "ES mean's on the same unit, over the candidates' spread there: every unit counts alike) "
+           f"(default {UES.unit_fitness})")
     g("--agent-lr", type=float, default=None, help=f"agent learning rate given to the rule ({MG.agent_lr:g})")
     g("--gamma", type=float, default=None, help=f"(default {MG.gamma})")
     g("--num-envs", type=int, default=None, help=f"A2C envs per unit (default {MG.num_envs})")

@@ -84,7 +84,7 @@ def es_driver(plan: Plan, refs) -> Driver:
                  fitness_max=float(fit.max()), fitness_min=float(ok.min()) if ok.size else float("nan"),
                  nan_count=int(m["nan_count"]), sigma=float(np.mean(m["sigma"])), seconds=seconds,
                  env_steps_per_second=steps_per_gen / seconds,
-                 mean_candidate_return=[float(x) for x in np.nanmean(m["returns"], axis=0)],
+                 mean_candidate_return=[float(x) for x in np.nanmean(m.get("candidate_return", m["returns"]), axis=0)],
                  es_mean_return=None, es_mean_fitness=None)
         if "es_mean_return" in m:  # pipeline units: the mean's own window, free
             r["es_mean_return"] = [float(x) for x in m["es_mean_return"]]

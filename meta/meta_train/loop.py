@@ -30,28 +30,48 @@ def say(line: str) -> None:
 
 
 def reference_returns(plan: Plan):
-    """The return per env that ES fitness divides by: as stored in the run
-    directory when resuming; else ``--reference-returns``, Adam's measured
-    return (whole lifetimes) or 1 (pipeline units); written to
-    ``references.json``."""
+    """``(refs, tuning)``: the return per env that ES fitness divides by, and
+    (whole lifetimes) Adam's lr tuning per env (``compare.tune_adam``), as
+    stored in ``references.json`` when resuming; else refs are
+    ``--reference-returns``, the tuned Adam's return (whole lifetimes) or 1
+    (pipeline units), written to ``references.json``."""
     path = os.path.join(plan.run.out, "references.json")
-    if plan.run.resume:
+    stored = None
+    if plan.run.resume and os.path.exists(path):
         with open(path) as f:
-            return json.load(f)["reference_returns"]
-    if plan.es.reference_returns:
+            stored = json.load(f)
+        if plan.mode != "es" or "adam_tuning" in stored:
+            return stored["reference_returns"], stored.get("adam_tuning")
+    tuning = None
+    # Tuned when ES needs a reference or the final comparison a tuned Adam (a run resumed
+    # from before the tuning existed tunes now, its stored refs kept).
+    if plan.mode == "es" and (not (plan.es.reference_returns or stored) or plan.run.final_seeds > 0):
+        from meta.meta_train.plan import adam_grid
+
+        tuning = compare.tune_adam(plan.es, adam_grid(plan.run), plan.run.tune_seeds, say)
+    if stored is not None:
+        refs = stored["reference_returns"]
+    elif plan.es.reference_returns:
         refs = list(plan.es.reference_returns)
-    elif plan.mode == "es":
-        refs = compare.measure_references(plan.es, say)
+    elif tuning is not None:
+        refs = [tuning[name]["reference"] for name in plan.es.envs]
     else:
         refs = [1.0] * len(plan.es.envs)
     if distributed.is_main():
+        doc = {"envs": list(plan.es.envs), "reference_returns": refs}
+        if tuning is not None:
+            doc.update(measure=plan.es.fitness_measure, adam_lr_grid=plan.run.adam_lr_grid, adam_tuning=tuning)
         with open(path, "w") as f:
-            json.dump({"envs": list(plan.es.envs), "reference_returns": refs}, f, indent=2)
-    return refs
+            json.dump(doc, f, indent=2)
+    return refs, tuning
 
 
-def make_driver(plan: Plan) -> Driver:
-    return metagrad_driver(plan) if plan.mode == "metagrad" else es_driver(plan, reference_returns(plan))
+def make_driver(plan: Plan):
+    """``(driver, Adam's tuning or None)``."""
+    if plan.mode == "metagrad":
+        return metagrad_driver(plan), None
+    refs, tuning = reference_returns(plan)
+    return es_driver(plan, refs), tuning
 
 
 def run(plan: Plan, sink=None) -> None:
@@ -62,7 +82,7 @@ def run(plan: Plan, sink=None) -> None:
     os.makedirs(out, exist_ok=True)
     ckpt_dir = os.path.join(out, "checkpoints")
     document = plan_document(plan)
-    driver = make_driver(plan)
+    driver, tuning = make_driver(plan)
 
     state = driver.init()
     rows, start = [], 0
@@ -98,6 +118,6 @@ def run(plan: Plan, sink=None) -> None:
         say(f"nothing to do: the checkpoint is already at generation {start}")
     if plan.run.final_seeds > 0 and distributed.is_main():  # single-process programs
         if plan.mode == "es":
-            compare.compare_with_adam(out, plan.es, plan.run.final_seeds, say)
+            compare.compare_with_adam(out, plan.es, plan.run.final_seeds, tuning, say)
         else:
             compare.compare_a2c_with_adam(out, plan, say)

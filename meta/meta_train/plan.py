@@ -38,6 +38,10 @@ class RunOptions:
     resume: bool = False  # continue from the latest checkpoint in out
     final_seeds: int = 4  # seeds of the final comparison against Adam (0: skip)
     recipe: Optional[str] = None  # a reference's own settings (RECIPES) as the mode's defaults
+    # Adam's lrs tuned for the reference and the comparison: 1e-4 to 1e-1 in quarter decades (one
+    # vmapped sweep; a half-decade grid left Adam 0.06 below its best on Catch at 1e4 steps)
+    adam_lr_grid: str = ",".join(f"{10 ** (e / 4):.2g}" for e in range(-16, -3))
+    tune_seeds: int = 8  # seeds of Adam's lr tuning (a key stream apart from every other run's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,7 @@ class UnitESOptions(_Search, _Units):
     checkpoint_every: int = 10
     reset_interval: int = 20  # outer steps between two resets of one unit
     inner_steps: int = 8  # A2C updates per unit and generation: the fitness window
+    unit_fitness: str = "return"  # meta.pipeline_es.UNIT_FITNESS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +274,9 @@ def build(run: RunOptions, options: ModeOptions) -> Plan:
     _at_least_one(options, ("generations", "checkpoint_every"))
     if run.final_seeds < 0:
         raise ValueError(f"--final-seeds must be >= 0, got {run.final_seeds}")
+    adam_grid(run)  # a bad --adam-lr-grid fails here
+    if run.tune_seeds < 1:
+        raise ValueError(f"--tune-seeds must be >= 1, got {run.tune_seeds}")
     names = tuple(envs.expand_suites(run.envs))
     plan = dict(run=run, options=options, rule=registry.make_rule(options.rule), envs=names)
     if options.MODE in ("es", "es-pipeline"):
@@ -281,6 +289,24 @@ def build(run: RunOptions, options: ModeOptions) -> Plan:
         if latest_step(os.path.join(run.out, "checkpoints")) is None:
             raise ValueError(f"--resume: no checkpoint found in {os.path.join(run.out, 'checkpoints')!r}")
     return Plan(**plan)
+
+
+MIN_ADAM_GRID = 4  # a tuned baseline: at least this many learning rates
+
+
+def adam_grid(run: RunOptions):
+    """``--adam-lr-grid`` as a ``meta.lr_tuning.LrGrid`` (absolute values or
+    x-multipliers of each env preset's lr), at least ``MIN_ADAM_GRID`` values."""
+    from meta.lr_tuning import parse_lr_grid
+
+    try:
+        grid = parse_lr_grid(run.adam_lr_grid)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--lr-grid", "--adam-lr-grid")) from None
+    if len(grid.values) < MIN_ADAM_GRID:
+        raise ValueError(f"--adam-lr-grid {run.adam_lr_grid!r} has {len(grid.values)} values; a tuned Adam needs "
+                         f"at least {MIN_ADAM_GRID} (e.g. {RunOptions.adam_lr_grid})")
+    return grid
 
 
 def _es_config(run: RunOptions, options, names):
@@ -339,7 +365,7 @@ def _pipeline_plan(options, names):
         out["metagrad"] = MetaGradConfig(num_inner=options.inner_steps, meta_lr=options.meta_lr,
                                          meta_grad_clip=options.meta_grad_clip, pipeline=pipe)
     else:
-        out["pipeline_es"] = PipelineESConfig(pipeline=pipe, window=options.inner_steps)
+        out["pipeline_es"] = PipelineESConfig(pipeline=pipe, window=options.inner_steps, fitness=options.unit_fitness)
     return out
 
 
@@ -371,7 +397,7 @@ def _without_defaults(config) -> Dict[str, Any]:
 
 
 _ADDED_FIELDS = {"sigma_decay", "lr_decay", "adam_b1", "init_mean", "fitness_measure", "common_keys", "recipe",
-                 "spacing", "bootstrap_time_limit"}
+                 "spacing", "bootstrap_time_limit", "fitness"}
 
 
 def _es_document(config) -> Dict[str, Any]:
@@ -398,6 +424,6 @@ def plan_document(plan: Plan) -> Dict[str, Any]:
         es = dict(_es_document(plan.es), rule=rule)
         for unused in ("seeds", "timesteps"):
             es.pop(unused)
-        d.update(es=es, pipeline_es=dict(dataclasses.asdict(plan.pipeline_es),
+        d.update(es=es, pipeline_es=dict(_without_defaults(plan.pipeline_es),
                                          pipeline=_without_defaults(plan.pipeline_es.pipeline)))
     return json.loads(json.dumps(d))
