@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,11 +21,12 @@ from meta import stats
 # Learning-rate grid used by --tune-lr when --lr-grid is not given: half-decade
 # steps around each optimizer's own default, two on either side.
 DEFAULT_LR_GRID = "x0.1,x0.3,x1,x3,x10"
-SELECTION_RULE = (
-    "highest mean over tuning seeds of the final return (mean episode return over the last 10% of "
-    "training); an lr with a diverged seed (non-finite parameters) or a non-finite return is chosen only "
-    "if every lr has one; exact ties go to the smaller lr"
+SELECTION_RULE_TEMPLATE = (
+    "highest mean over tuning seeds of the {measure}; an lr with a diverged seed (non-finite parameters) "
+    "or a non-finite return is chosen only if every lr has one; exact ties go to the smaller lr"
 )
+SELECTION_RULE = SELECTION_RULE_TEMPLATE.format(
+    measure="final return (mean episode return over the last 10% of training)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +114,9 @@ def parse_lr_grids(text: str) -> LrGrids:
     return LrGrids(default or parse_lr_grid(DEFAULT_LR_GRID), tuple(by_name.items()))
 
 
-def select_lr(lrs: Sequence[float], returns, diverged=None) -> Dict:
-    """Picks the learning rate of a sweep by ``SELECTION_RULE``.
+def select_lr(lrs: Sequence[float], returns, diverged=None, measure_words: Optional[str] = None) -> Dict:
+    """Picks the learning rate of a sweep by ``SELECTION_RULE`` (the returns
+    measured as ``measure_words`` says where given).
 
     ``lrs [L]``; ``returns [L, S]`` final returns per lr and tuning seed;
     ``diverged [L, S]`` bools (optional). Returns ``index`` and ``lr`` of the
@@ -136,5 +138,6 @@ def select_lr(lrs: Sequence[float], returns, diverged=None) -> Dict:
     return dict(
         index=index, lr=float(lrs[index]), mean_return=means.tolist(),
         stderr=[stats.stderr(r) for r in returns], valid=valid.tolist(),
-        at_edge=bool(lrs.size > 1 and lrs[index] in (lrs.min(), lrs.max())), rule=SELECTION_RULE,
+        at_edge=bool(lrs.size > 1 and lrs[index] in (lrs.min(), lrs.max())),
+        rule=SELECTION_RULE if measure_words is None else SELECTION_RULE_TEMPLATE.format(measure=measure_words),
     )

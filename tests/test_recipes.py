@@ -293,8 +293,12 @@ def test_default_plans_keep_their_checkpoint_documents():
 
     for argv in (["--envs", "CartPole-v1"], ["--method", "metagrad", "--envs", "Catch-bsuite"]):
         doc = json_text(plan_document(_plan(argv)))
-        for name in ("sigma_decay", "common_keys", "recipe", "spacing", "bootstrap_time_limit"):
+        for name in ("sigma_decay", "recipe", "spacing", "bootstrap_time_limit"):
             assert name not in doc, (argv, name)
+    # the main job sets common keys (antithetic pairs) and the training-mean fitness itself
+    doc = plan_document(_plan(["--envs", "CartPole-v1"]))
+    assert (doc["common_keys"], doc["fitness_measure"]) == ("pairs", "training_mean")
+    assert "common_keys" not in json_text(plan_document(_plan(["--method", "metagrad", "--envs", "Catch-bsuite"])))
     doc = json_text(plan_document(_plan(["--recipe", "optim4rl-paper", "--method", "metagrad", "--envs",
                                          "Catch-bsuite"])))
     assert "spacing" in doc and "bootstrap_time_limit" in doc

@@ -14,7 +14,9 @@ Three modes (``meta.meta_train.plan``):
 - ``--method es`` without ``--pipeline-units`` (the default): every candidate
   trains population x seeds x envs PPO agents from scratch in one jitted,
   vmapped program (population axis sharded over all devices); fitness is the
-  final return over the reference return.
+  return by ``--fitness-measure`` over a tuned Adam's (Adam's lr tuned over
+  ``--adam-lr-grid`` on ``--tune-seeds`` seeds of their own, by the same
+  measure, before the first generation; ``references.json``).
 - ``--method es --pipeline-units N``: every candidate drives the same N A2C
   units per env for ``--inner-steps`` updates; fitness is the return of the
   episodes that end in that window (``meta/pipeline_es.py``). The units are
@@ -30,8 +32,10 @@ class. Writes to --out: log.jsonl, log.csv, fitness.png (ES) or
 objective.png (metagrad), checkpoints/ (resume with --resume; pipeline units
 included, so a resumed run continues bit for bit), optimizer/ (the current
 ES mean or meta-parameters; use it as ``lopt:DIR/optimizer``), and at the
-end summary.md and comparison.png (learned optimizer vs Adam on the training
-envs: PPO for whole-lifetime ES, A2C for the pipeline modes). Whole-lifetime
+end summary.md, summary.json and comparison.png (learned optimizer vs Adam at
+its tuned lr on the training envs, on evaluation seeds apart from the tuning
+seeds: PPO for whole-lifetime ES, by the fitness measure; A2C for the
+pipeline modes, by the final return). Whole-lifetime
 ES also saves the final comparison's PPO agents trained with the learned
 optimizer: DIR/agent for the first env (``metarl-eval DIR`` plays them), and
 DIR/agents/ENV/agent for every further env. --wandb PROJECT sends
@@ -93,8 +97,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g("--lr", type=float, default=None, help=f"ES (outer) learning rate (default {ES.lr})")
     g("--no-antithetic", action="store_true", default=None)
     g("--reference-returns", default=None,
-      help="comma-separated return per env for normalising fitness (default: measured with Adam "
-           "for whole lifetimes, 1 for pipeline units)")
+      help="comma-separated return per env for normalising fitness (default: Adam's, at its lr tuned over "
+           "--adam-lr-grid, for whole lifetimes; 1 for pipeline units)")
     g = p.add_argument_group("ES over whole lifetimes (--method es without --pipeline-units)").add_argument
     g("--seeds", type=int, default=None, help=f"PPO seeds per candidate and env (default {ES.seeds})")
     g("--fitness-measure", default=None,

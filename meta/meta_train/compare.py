@@ -39,9 +39,7 @@ def evaluation_seed(config) -> int:
 
 
 def _choose(lrs, returns, diverged, measure: str) -> Dict[str, Any]:
-    choice = select_lr(lrs, returns, diverged)
-    choice["rule"] = choice["rule"].replace(
-        "the final return (mean episode return over the last 10% of training)", RETURN_MEASURE_WORDS[measure])
+    choice = select_lr(lrs, returns, diverged, RETURN_MEASURE_WORDS[measure])
     return dict(lr=choice["lr"], lr_grid=[float(x) for x in lrs], mean_return=choice["mean_return"],
                 stderr=choice["stderr"], at_edge=choice["at_edge"], rule=choice["rule"],
                 reference=float(choice["mean_return"][choice["index"]]))
@@ -135,13 +133,22 @@ def summary_document(measure: str, per_env: Dict[str, Dict[str, Any]], **extra) 
     envs_doc = {}
     for name, d in per_env.items():
         t = d["tuning"]
+        learned, adam = (_side(d[k]) for k in ("learned", "adam_tuned"))
         envs_doc[name] = dict(
-            learned=dict(mean=float(np.mean(d["learned"])), per_seed=[float(x) for x in d["learned"]]),
-            adam_tuned=dict(mean=float(np.mean(d["adam_tuned"])), lr=t["lr"], lr_grid=t["lr_grid"],
-                            per_seed=[float(x) for x in d["adam_tuned"]]),
+            learned=learned, adam_tuned=dict(mean=adam.pop("mean"), lr=t["lr"], lr_grid=t["lr_grid"], **adam),
             tuning={k: t[k] for k in ("mean_return", "stderr", "at_edge", "tuning_seeds", "rule") if k in t},
         )
     return dict(measure=measure, measure_words=RETURN_MEASURE_WORDS[measure], envs=envs_doc, **extra)
+
+
+def _side(run) -> Dict[str, Any]:
+    """``{"mean", "per_seed"}`` (and the final return's mean, for the record)
+    of one side: ``_collect``'s dict, or the per-seed values alone."""
+    run = run if isinstance(run, dict) else dict(per_seed=run)
+    out = dict(mean=float(np.mean(run["per_seed"])), per_seed=[float(x) for x in run["per_seed"]])
+    if "final_return" in run:
+        out["final_return_mean"] = float(np.mean(run["final_return"]))
+    return out
 
 
 def write_summary(out, title: str, setting: str, doc: Dict[str, Any], results) -> None:
@@ -155,7 +162,10 @@ def write_summary(out, title: str, setting: str, doc: Dict[str, Any], results) -
         diff = e["learned"]["mean"] - e["adam_tuned"]["mean"]
         lines.append(f"- {name}: lr {e['adam_tuned']['lr']:g} of {grid} ({t.get('tuning_seeds', '?')} tuning seeds"
                      + (", at the grid's edge" if t.get("at_edge") else "") + f"); learned {'+' if diff >= 0 else ''}"
-                     f"{diff:.3f} vs tuned Adam")
+                     f"{diff:.3f} vs tuned Adam"
+                     + (f" (final return, last 10% of training: learned {e['learned']['final_return_mean']:.3f}, "
+                        f"tuned Adam {e['adam_tuned']['final_return_mean']:.3f})"
+                        if "final_return_mean" in e["learned"] and doc["measure"] != "final_window" else ""))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "summary.json"), "w") as f:
@@ -214,4 +224,4 @@ def _collect(results, curves, name, label, res, measure, say):
     results.append((name, label, fr))
     curves[f"{name}: {label}"] = (res["steps"], res["curves"])
     say(f"final comparison on {name}: {label} {fr.mean():.3f} ({measure})")
-    return fr.tolist()
+    return dict(per_seed=[float(x) for x in fr], final_return=[float(x) for x in res["final_return"]])
